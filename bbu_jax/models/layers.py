@@ -1,0 +1,110 @@
+"""Building blocks shared by the vision tower, the decoder and the detection head.
+
+Every parameter carries logical axis names (see bbu_jax.parallel.sharding for the vocabulary); the
+one attention function of the project lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, std: float = 0.02,
+          init: str = "normal", dtype=jnp.float32) -> nnx.Param:
+  """A parameter with logical axis names; `init` is "normal" (std), "zeros" or "ones"."""
+  if len(shape) != len(axes):
+    raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(axes)} differ in rank")
+  if init == "normal":
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    raise ValueError(f"unknown init {init!r}")
+  return nnx.Param(value, sharding_names=tuple(axes))
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias). `kernel` is (in, out): the transpose of torch's nn.Linear.weight."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+               use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.kernel = param(rngs, (in_features, out_features), axes)
+    self.bias = param(rngs, (out_features,), (axes[1],), init="zeros") if use_bias else None
+    self.dtype = dtype  # compute dtype
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """Qwen2RMSNorm: normalize in float32, cast back to the input dtype, then scale."""
+
+  def __init__(self, dim: int, *, eps: float, axis_name: str, rngs: nnx.Rngs):
+    self.scale = param(rngs, (dim,), (axis_name,), init="ones")
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(dtype) * x32.astype(dtype)
+
+
+def make_attention_mask(q_segment_ids: Array, kv_segment_ids: Array, *, causal: bool,
+                        q_positions: Array | None = None, kv_positions: Array | None = None) -> Array:
+  """Boolean mask (batch, 1, q_len, kv_len): same non-zero segment, and kv before q when causal.
+
+  Segment id 0 marks padding: a padded query attends to nothing (its output is garbage that callers
+  mask out); a padded key is never attended. `q_positions`/`kv_positions` (token indices in the
+  sequence, default arange) define causality, so the same function serves prefill, packed rows and
+  decoding against a KV cache.
+  """
+  mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+  if causal:
+    if q_positions is None:
+      q_positions = jnp.arange(q_segment_ids.shape[1])[None, :]
+    if kv_positions is None:
+      kv_positions = jnp.arange(kv_segment_ids.shape[1])[None, :]
+    mask = mask & (kv_positions[:, None, :] <= q_positions[:, :, None])
+  return mask[:, None, :, :]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
+                          implementation: str = "xla") -> Array:
+  """Softmax attention with grouped KV heads.
+
+  q: (batch, q_len, heads, head_dim); k, v: (batch, kv_len, kv_heads, head_dim), heads a multiple of
+  kv_heads; mask: bool, broadcastable to (batch, heads, q_len, kv_len). Softmax in float32, as
+  transformers' eager attention does. Rows whose mask is all False return zeros, never NaN.
+  `implementation`: "xla" (portable einsum), or "cudnn" (jax.nn.dot_product_attention's fused kernel
+  on GPU).
+  """
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(f"unknown attention implementation {implementation!r}")
+  b, s, h, d = q.shape
+  kvh = k.shape[2]
+  groups = h // kvh
+  qg = q.reshape(b, s, kvh, groups, d)
+  logits = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) * (d ** -0.5)
+  if mask is not None:
+    # (b, 1|h, s, t) -> (b, kvh|1, groups|1, s, t)
+    m = mask.reshape(mask.shape[0], kvh, groups, s, -1) if mask.shape[1] == h else mask[:, :, None]
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    probs = jnp.where(m, probs, 0.0)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
+  return out.reshape(b, s, h, d)
