@@ -108,3 +108,21 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
     probs = jnp.where(m, probs, 0.0)
   out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
   return out.reshape(b, s, h, d)
+
+
+def rotate_half(x: Array) -> Array:
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotary embedding in the rotate-half layout of transformers' Qwen2/Qwen2.5-VL.
+
+  x: (..., seq, heads, head_dim); cos, sin: (..., seq, head_dim), broadcast over heads. Computed in
+  float32 (as transformers' vision rotary does) and cast back to x's dtype.
+  """
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  cos = cos[..., None, :].astype(jnp.float32)
+  sin = sin[..., None, :].astype(jnp.float32)
+  return (x32 * cos + rotate_half(x32) * sin).astype(dtype)
