@@ -1,0 +1,197 @@
+"""Loading and validating training configs: ml_collections `get_config()` files, big_vision style.
+
+`base_config()` holds every field with its default; a config file starts from it and changes what it
+needs. Configs are locked, so a misspelled override (`--config.llm_lrr=...`) is refused by name.
+`validate(config)` refuses out-of-range values at start, one clear message per bad field.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # --- Run -----------------------------------------------------------------------------------
+  c.run_name = "run"
+  c.output_dir = "runs"
+  c.seed = 0
+  c.resume = True  # resume automatically when the run folder has checkpoints
+
+  # --- Data (the old pipeline's names) ---------------------------------------------------------
+  c.train_data_path = ""
+  c.val_data_path = ""
+  c.teacher_pool_file = ""
+  c.data_root = ""
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.enabled = False  # generate the synthetic dataset into data_root when it is missing
+  c.synthetic.num_train = 0
+  c.synthetic.num_val = 0
+  c.synthetic.num_teacher = 0
+  c.synthetic.scale = 1.0
+  c.skip_invalid_records = False  # refuse files with problems unless told to skip them
+  c.model_max_length = 2048
+  c.collator_type = "packed"  # "packed" | "padded"
+  c.teacher_ratio = 0.0
+  c.num_teacher_samples = 1
+  c.teacher_loss_weight = 0.3
+  c.student_loss_weight = 1.0
+  c.prompt_language = "zh"
+  c.min_pixels = 4 * 28 * 28
+  c.max_pixels = 512 * 28 * 28
+  c.patch_budget = 0  # patches per row; 0 = derived from max_pixels and num_teacher_samples
+  c.max_samples_per_row = 4
+  c.max_objects = 64
+  c.num_data_workers = 0
+
+  # --- Model ---------------------------------------------------------------------------------
+  c.model_path = ""  # Hugging Face Qwen2.5-VL directory or bbu_jax checkpoint; "" = from scratch
+  c.model_size = ""  # named size for from-scratch/abstract runs (bbu_jax.models.config.NAMED_CONFIGS)
+  c.model = ml_collections.ConfigDict()  # explicit tiny architecture for from-scratch runs
+  c.model.text_hidden_size = 0
+  c.model.text_layers = 0
+  c.model.text_heads = 0
+  c.model.text_kv_heads = 0
+  c.model.text_intermediate_size = 0
+  c.model.vision_depth = 0
+  c.model.vision_hidden_size = 0
+  c.model.vision_heads = 0
+  c.model.vision_intermediate_size = 0
+  c.model.vision_window_size = 112
+  c.model.vision_fullatt_block_indexes = (0,)
+  c.tokenizer_vocab_size = 4096  # for the demo's own BPE tokenizer
+
+  c.detection_enabled = False
+  c.detection_num_queries = 100
+  c.detection_bbox_weight = 10.0
+  c.detection_caption_weight = 1.0
+  c.detection_layers = 2
+  c.detection_width = 256
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # 0 = no adapters
+  c.lora.alpha = 16.0
+  c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+  # --- Optimization --------------------------------------------------------------------------
+  c.num_train_epochs = 1
+  c.max_steps = 0  # > 0 overrides the number of steps derived from epochs
+  c.per_device_train_batch_size = 1
+  c.gradient_accumulation_steps = 1
+  c.vision_lr = 0.0
+  c.merger_lr = 1e-5
+  c.llm_lr = 1e-5
+  c.detection_lr = 1e-4
+  c.adapter_lr = 1e-4
+  c.warmup_ratio = 0.03
+  c.weight_decay = 0.0
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.max_grad_norm = 1.0
+
+  # --- Precision, memory, kernels ----------------------------------------------------------------
+  c.bf16 = False
+  c.gradient_checkpointing = False
+  c.use_flash_attention = False
+
+  # --- Scale ---------------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding_mode = "zero2"  # "zero2" | "fsdp"
+
+  # --- Logging, checkpoints, evaluation --------------------------------------------------------
+  c.log_steps = 10
+  c.save_steps = 100
+  c.save_total_limit = 3
+  c.eval_after_training = True
+  c.eval_batch_size = 8
+  c.max_new_tokens = 512
+  return c
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Imports a config file and calls its `get_config(arg)` (or `get_config()`)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise ConfigError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_bbu_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} has no get_config()")
+  config = module.get_config(arg) if arg is not None else module.get_config()
+  config.lock()
+  return config
+
+
+def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+  """Refuses values that cannot work, naming the field. Called once at the start of a run."""
+
+  def fail(field, why):
+    raise ConfigError(f"config field {field}: {why}")
+
+  for name in ("vision_lr", "merger_lr", "llm_lr", "detection_lr", "adapter_lr", "weight_decay",
+               "warmup_ratio", "max_grad_norm"):
+    if c[name] < 0:
+      fail(name, f"must be >= 0, got {c[name]}")
+  if not 0.0 <= c.warmup_ratio <= 1.0:
+    fail("warmup_ratio", f"must be in [0, 1], got {c.warmup_ratio}")
+  if not 0.0 <= c.teacher_ratio <= 1.0:
+    fail("teacher_ratio", f"must be in [0, 1], got {c.teacher_ratio}")
+  if c.num_teacher_samples < 0:
+    fail("num_teacher_samples", f"must be >= 0, got {c.num_teacher_samples}")
+  if c.teacher_ratio > 0 and c.num_teacher_samples == 0:
+    fail("num_teacher_samples", "must be >= 1 when teacher_ratio > 0")
+  if c.teacher_ratio > 0 and not c.teacher_pool_file and not c.synthetic.enabled:
+    fail("teacher_pool_file", "is empty but teacher_ratio > 0")
+  if c.collator_type not in ("packed", "padded"):
+    fail("collator_type", f"must be 'packed' or 'padded', got {c.collator_type!r}")
+  if c.sharding_mode not in ("zero2", "fsdp"):
+    fail("sharding_mode", f"must be 'zero2' or 'fsdp', got {c.sharding_mode!r}")
+  if c.prompt_language not in ("zh", "en"):
+    fail("prompt_language", f"must be 'zh' or 'en', got {c.prompt_language!r}")
+  for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length",
+               "num_train_epochs", "log_steps", "save_steps", "save_total_limit"):
+    if c[name] < 1:
+      fail(name, f"must be >= 1, got {c[name]}")
+  if c.max_steps < 0:
+    fail("max_steps", f"must be >= 0, got {c.max_steps}")
+  if c.teacher_loss_weight < 0 or c.student_loss_weight < 0:
+    fail("teacher_loss_weight" if c.teacher_loss_weight < 0 else "student_loss_weight", "must be >= 0")
+  if c.min_pixels <= 0 or c.max_pixels < c.min_pixels:
+    fail("max_pixels", f"must be >= min_pixels > 0, got min {c.min_pixels}, max {c.max_pixels}")
+  if c.detection_enabled and c.detection_num_queries < 1:
+    fail("detection_num_queries", f"must be >= 1 when detection_enabled, got {c.detection_num_queries}")
+  if c.lora.rank < 0:
+    fail("lora.rank", f"must be >= 0, got {c.lora.rank}")
+  if not c.model_path and not c.model_size and c.model.text_hidden_size <= 0:
+    fail("model_path", "is empty and neither model_size nor model.text_hidden_size describes a model")
+  if not c.synthetic.enabled:
+    if not c.train_data_path:
+      fail("train_data_path", "is empty (and synthetic.enabled is False)")
+    if not pathlib.Path(c.train_data_path).exists() and not str(c.train_data_path).startswith("gs://"):
+      fail("train_data_path", f"{c.train_data_path} does not exist")
+  for axis in ("data", "fsdp", "tensor"):
+    size = c.mesh[axis]
+    if size == 0 or size < -1:
+      fail(f"mesh.{axis}", f"must be -1 (auto) or >= 1, got {size}")
+  if num_devices is not None:
+    fixed = 1
+    autos = [a for a in ("data", "fsdp", "tensor") if c.mesh[a] == -1]
+    for a in ("data", "fsdp", "tensor"):
+      if c.mesh[a] != -1:
+        fixed *= c.mesh[a]
+    if len(autos) > 1:
+      fail("mesh", f"at most one axis may be -1, got {autos}")
+    if num_devices % fixed or (not autos and fixed != num_devices):
+      fail("mesh", f"data*fsdp*tensor = {fixed} does not divide across the {num_devices} devices")

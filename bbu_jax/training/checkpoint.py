@@ -1,0 +1,80 @@
+"""Orbax checkpoints of a training run: model + optimizer state, data iterator state, RNG, step.
+
+One layout for every run: `<run_dir>/checkpoints/<step>/{state,data,meta}`. Saves are asynchronous;
+the newest `keep_last` checkpoints and the best one by validation loss are kept. A checkpoint becomes
+visible only once complete (orbax writes to a temporary folder and renames), and a latest checkpoint
+that cannot be read is reported and skipped in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str | pathlib.Path, *, keep_last: int = 3, async_save: bool = True):
+    self.directory = pathlib.Path(directory).absolute() if "://" not in str(directory) else directory
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(n=keep_last),
+        cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                 keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"),
+                                         options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, *, data_state: dict, meta: dict,
+           metrics: dict | None = None, force: bool = False) -> bool:
+    """Starts an (async) save; `meta` holds small JSON facts (RNG seed, config, counters)."""
+    return self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=force)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict, dict]:
+    """Restores `step` (default: the newest readable one) into the shardings of `abstract_state`.
+
+    Returns (step, state, data_state, meta). A newest checkpoint that fails to read (truncated,
+    corrupt) is logged and the previous one is tried.
+    """
+    steps = [step] if step is not None else self.all_steps()[::-1]
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    errors = []
+    for s in steps:
+      try:
+        restored = self.manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                       data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        if errors:
+          log.warning("restored checkpoint %d after skipping unreadable newer ones: %s", s, "; ".join(errors))
+        return s, restored["state"], restored["data"], restored["meta"]
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+        errors.append(f"step {s}: {type(e).__name__}: {e}")
+        log.error("checkpoint %d in %s cannot be restored (%s: %s)", s, self.directory, type(e).__name__, e)
+    raise RuntimeError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
