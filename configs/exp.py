@@ -1,0 +1,62 @@
+"""The embedded default: synthetic cabinet data, a tiny Qwen2.5-VL-shaped model trained from scratch
+with its own small tokenizer, on CPU; then inference and evaluation on the validation split.
+
+  python -m bbu_jax.train --config configs/exp.py [--config.FIELD=VALUE ...]
+"""
+
+from bbu_jax import config as config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.run_name = "exp"
+  c.output_dir = "runs"
+  c.data_root = "data/synthetic"
+  c.train_data_path = "data/synthetic/train.jsonl"
+  c.val_data_path = "data/synthetic/val.jsonl"
+  c.teacher_pool_file = "data/synthetic/teacher_pool.jsonl"
+  c.synthetic.enabled = True
+  c.synthetic.num_train = 512
+  c.synthetic.num_val = 32
+  c.synthetic.num_teacher = 16
+  c.synthetic.scale = 0.25
+
+  c.model.text_hidden_size = 128
+  c.model.text_layers = 2
+  c.model.text_heads = 4
+  c.model.text_kv_heads = 2
+  c.model.text_intermediate_size = 384
+  c.model.vision_depth = 2
+  c.model.vision_hidden_size = 64
+  c.model.vision_heads = 2
+  c.model.vision_intermediate_size = 192
+  c.model.vision_window_size = 112
+  c.model.vision_fullatt_block_indexes = (1,)
+  c.tokenizer_vocab_size = 1024
+
+  c.min_pixels = 4 * 28 * 28
+  c.max_pixels = 64 * 28 * 28
+  c.model_max_length = 1024
+  c.collator_type = "packed"
+  c.teacher_ratio = 0.0
+  c.num_teacher_samples = 1
+
+  c.detection_enabled = True
+  c.detection_num_queries = 16
+  c.detection_layers = 2
+  c.detection_width = 128
+
+  c.num_train_epochs = 8
+  c.per_device_train_batch_size = 4
+  c.gradient_accumulation_steps = 1
+  c.vision_lr = 1e-3
+  c.merger_lr = 1e-3
+  c.llm_lr = 1e-3
+  c.detection_lr = 1e-3
+  c.adapter_lr = 0.0
+  c.warmup_ratio = 0.05
+  c.weight_decay = 0.01
+  c.log_steps = 10
+  c.save_steps = 200
+  c.max_new_tokens = 256
+  return c
