@@ -124,6 +124,12 @@ def _platform_geometry(geometry: dict, field: str, err) -> dict:
   return {"kind": "bbox", "points": points_box(points)}
 
 
+def parse_geometry(value: Any, field: str = "geometry") -> dict:
+  """{kind, points} from an already-normalized geometry or a platform {type, coordinates}; raises
+  RecordError naming the field."""
+  return _geometry_from(value, field, lambda message, f: RecordError(message, field=f))
+
+
 def _geometry_from(value: dict, field: str, err) -> dict:
   """Either an already-normalized {kind, points} or a platform {type, coordinates}."""
   if not isinstance(value, dict):
@@ -193,9 +199,14 @@ def normalize_object(obj: Any, *, width: int, height: int, field: str = "object"
       raise err(f"bbox_2d needs 4 numbers [x1, y1, x2, y2], got {len(coords)}", field + ".bbox_2d")
     box = [round(c) for c in coords]
     box_field = field + ".bbox_2d"
-    # The old export's `geometry` is in the record's frame (its `square`/`line` are not).
-    geometry = (_geometry_from(obj["geometry"], field + ".geometry", err) if "geometry" in obj
-                else {"kind": "bbox", "points": list(box)})
+    # The old export's `geometry` is in the record's frame (its `square`/`line` are not). Beside a
+    # bbox_2d it is an extra that only drawing uses, so an unreadable one is dropped, not fatal.
+    geometry = {"kind": "bbox", "points": list(box)}
+    if "geometry" in obj:
+      try:
+        geometry = _geometry_from(obj["geometry"], field + ".geometry", err)
+      except RecordError:
+        pass
   elif "quad" in obj or "line" in obj:
     key = "quad" if "quad" in obj else "line"
     points = _flat_points(obj[key], f"{field}.{key}", err)
