@@ -360,7 +360,8 @@ def save_checkpoint(model_or_params, config: Qwen25VLConfig, out_dir: str | path
                     source_dir: str | pathlib.Path | None = None) -> pathlib.Path:
   """Writes the bbu_jax checkpoint: `out_dir/config.json` (HF style) and `out_dir/params` (orbax).
 
-  Tokenizer/processor files of `source_dir` are copied beside them so the directory is self-contained.
+  Tokenizer/processor files and generation_config.json of `source_dir` are copied beside them, so
+  the directory is self-contained and an export from it carries them on.
   """
   import orbax.checkpoint as ocp
   out_dir = pathlib.Path(out_dir).absolute()
@@ -371,6 +372,8 @@ def save_checkpoint(model_or_params, config: Qwen25VLConfig, out_dir: str | path
   (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
   if source_dir is not None:
     copy_tokenizer_files(source_dir, out_dir)
+    if (pathlib.Path(source_dir) / "generation_config.json").is_file():
+      shutil.copyfile(pathlib.Path(source_dir) / "generation_config.json", out_dir / "generation_config.json")
   return out_dir
 
 

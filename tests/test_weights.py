@@ -1,0 +1,288 @@
+"""HF <-> bbu_jax weights: round trip through the convert_weights commands, export dtypes and sharding,
+both key layouts, the bbu_jax checkpoint, and one clear error for every kind of bad checkpoint."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+import _tiny_models as tm  # noqa: E402
+from bbu_jax.models import load_pretrained, weights  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOKENIZER_STUBS = {"tokenizer_config.json": '{"model_max_length": 64}\n', "preprocessor_config.json": '{"patch_size": 14}\n'}
+
+
+def sample_inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  grids = [(1, 8, 8), (1, 4, 6)]
+  ids, mask = tm.pad_rows([tm.token_row(rng, grids, [3, 4, 2]), rng.integers(0, tm.TEXT_TOKENS, 9)])
+  return ids, mask, tm.random_patches(rng, grids), np.array(grids)
+
+
+def hf_logits(hf, ids, mask, pixels, grids):
+  with torch.no_grad():
+    out = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+             pixel_values=torch.as_tensor(pixels).to(next(hf.parameters()).dtype),
+             image_grid_thw=torch.as_tensor(grids),
+             mm_token_type_ids=torch.as_tensor(ids == tm.IMAGE_TOKEN_ID).to(torch.int32))
+  return out.logits.float().numpy()
+
+
+def relative_error(a, b, mask):
+  keep = mask.astype(bool)
+  a, b = np.asarray(a, np.float64)[keep], np.asarray(b, np.float64)[keep]
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def run_module(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  hf = tm.tiny_hf_model(seed=3, tie_word_embeddings=False, vision_depth=2, fullatt_block_indexes=(1,))
+  path = tmp_path_factory.mktemp("hf")
+  hf.save_pretrained(path)
+  for name, text in TOKENIZER_STUBS.items():
+    (path / name).write_text(text)
+  return hf, path
+
+
+def test_round_trip_through_the_commands(hf_dir, tmp_path):
+  hf, path = hf_dir
+  checkpoint, exported = tmp_path / "flax", tmp_path / "exported"
+  result = run_module("convert_weights.hf_to_flax", "--hf_dir", str(path), "--out_dir", str(checkpoint))
+  assert result.returncode == 0, result.stderr
+  assert (checkpoint / "config.json").is_file() and (checkpoint / weights.PARAMS_DIR).is_dir()
+  result = run_module("convert_weights.flax_to_hf", "--checkpoint", str(checkpoint), "--out_dir", str(exported),
+                      "--dtype", "float32", "--max_shard_size", "200KB")
+  assert result.returncode == 0, result.stderr
+
+  index = json.loads((exported / weights.INDEX_FILE).read_text())
+  shard_files = sorted(set(index["weight_map"].values()))
+  assert len(shard_files) > 1 and all((exported / f).is_file() for f in shard_files)
+  assert "model.layers.0.self_attn.q_proj.bias" in index["weight_map"]
+  assert "visual.merger.mlp.0.weight" in index["weight_map"] and "lm_head.weight" in index["weight_map"]
+  for name, text in TOKENIZER_STUBS.items():
+    assert (exported / name).read_text() == text
+  assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == tm.EOS_ID
+
+  reloaded = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+      exported, dtype=torch.float32, attn_implementation="eager").eval()
+  original_state, reloaded_state = hf.state_dict(), reloaded.state_dict()
+  assert original_state.keys() == reloaded_state.keys()
+  for key, value in original_state.items():
+    assert torch.equal(value, reloaded_state[key]), key
+  ids, mask, pixels, grids = sample_inputs()
+  original = hf_logits(hf, ids, mask, pixels, grids)
+  error = relative_error(hf_logits(reloaded, ids, mask, pixels, grids), original, mask)
+  print(f"\nROUND TRIP fp32 HF -> bbu_jax -> HF: relative logits error {error:.2e}")
+  assert error < 1e-6
+  # The bbu_jax checkpoint itself gives the same logits as transformers.
+  assert relative_error(load_pretrained(checkpoint)(ids, mask, pixels, grids), original, mask) < 1e-4
+
+
+def test_bfloat16_export_loads_in_transformers(hf_dir, tmp_path):
+  hf, path = hf_dir
+  model, config = weights.load_model(path)
+  out = weights.save_hf(model, config, tmp_path / "bf16", dtype="bfloat16", source_dir=path)
+  index = json.loads((out / weights.INDEX_FILE).read_text())
+  first = sorted(set(index["weight_map"].values()))[0]
+  with safe_open(str(out / first), framework="numpy") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+  assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  reloaded = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+      out, dtype=torch.float32, attn_implementation="eager").eval()
+  ids, mask, pixels, grids = sample_inputs(1)
+  error = relative_error(hf_logits(reloaded, ids, mask, pixels, grids), hf_logits(hf, ids, mask, pixels, grids), mask)
+  print(f"\nEXPORT bf16 weights, fp32 compute: relative logits error {error:.2e}")
+  assert 0 < error < 5e-2
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    weights.save_hf(model, config, tmp_path / "bad", dtype="int8")
+
+
+def test_transformers5_key_layout_and_tied_head_load(tmp_path):
+  # transformers' in-memory names (model.language_model.*, model.visual.*) written as they are.
+  hf = tm.tiny_hf_model(seed=4, tie_word_embeddings=True, vision_depth=2, fullatt_block_indexes=(0,))
+  hf.config.save_pretrained(tmp_path)
+  state = {k: v.numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+  assert any(k.startswith("model.language_model.layers.") for k in state)
+  assert any(k.startswith("model.visual.blocks.") for k in state)
+  save_file(state, str(tmp_path / weights.SINGLE_FILE), metadata={"format": "pt"})
+  ours = load_pretrained(tmp_path)
+  assert ours.model.lm_head is None
+  ids, mask, pixels, grids = sample_inputs(2)
+  assert relative_error(ours(ids, mask, pixels, grids), hf_logits(hf, ids, mask, pixels, grids), mask) < 1e-4
+
+
+def test_loaded_params_carry_logical_axes_and_requested_sharding(hf_dir):
+  _, path = hf_dir
+  device = jax.devices()[0]
+  seen = []
+
+  def sharding(param_path, abstract):
+    seen.append(param_path)
+    return jax.sharding.SingleDeviceSharding(device)
+
+  model, _ = weights.load_model(path, dtype=jnp.bfloat16, shardings=sharding)
+  params = nnx.state(model, nnx.Param)
+  assert len(seen) == len(jax.tree.leaves(params))
+  kernel = model.language_model.layers.self_attn.q_proj.kernel
+  assert kernel.get_metadata()["out_sharding"] == ("layers", "embed", "heads")
+  assert kernel[...].dtype == jnp.bfloat16 and kernel[...].sharding == jax.sharding.SingleDeviceSharding(device)
+  assert model.visual.blocks.attn.qkv.kernel.get_metadata()["out_sharding"][0] == "layers"
+
+
+def test_loading_reads_each_tensor_once_and_only_after_validation(hf_dir, monkeypatch):
+  _, path = hf_dir
+  reads = []
+  real_safe_open = weights.safe_open
+
+  class CountingHandle:
+    def __init__(self, handle):
+      self.handle = handle
+
+    def __getattr__(self, name):
+      return getattr(self.handle, name)
+
+    def get_tensor(self, name):
+      reads.append(name)
+      return self.handle.get_tensor(name)
+
+  class CountingOpen:
+    def __init__(self, *args, **kwargs):
+      self.inner = real_safe_open(*args, **kwargs)
+
+    def __enter__(self):
+      return CountingHandle(self.inner.__enter__())
+
+    def __exit__(self, *exc):
+      return self.inner.__exit__(*exc)
+
+  monkeypatch.setattr(weights, "safe_open", CountingOpen)
+  weights.load_model(path)
+  assert len(reads) == len(set(reads)) == len(weights.hf_torch_shapes(weights.read_config(path)))
+
+
+# --- Bad input --------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def broken_copy(hf_dir, tmp_path):
+  """A fresh, sharded (published layout) copy of the tiny checkpoint to damage."""
+  _, path = hf_dir
+  model, config = weights.load_model(path)
+  return weights.save_hf(model, config, tmp_path / "broken", dtype="float32", max_shard_size="150KB")
+
+
+def _assert_refused(path, *fragments):
+  with pytest.raises(ValueError) as info:
+    load_pretrained(path)
+  message = str(info.value)
+  for fragment in fragments:
+    assert fragment in message, message
+  return message
+
+
+def test_directory_without_config_is_refused(tmp_path):
+  _assert_refused(tmp_path, str(tmp_path / "config.json"), "missing")
+
+
+def test_other_model_type_is_refused(broken_copy):
+  config = json.loads((broken_copy / "config.json").read_text())
+  config["model_type"] = "llama"
+  (broken_copy / "config.json").write_text(json.dumps(config))
+  _assert_refused(broken_copy, str(broken_copy / "config.json"), "llama")
+
+
+def test_missing_shard_file_is_refused(broken_copy):
+  index = json.loads((broken_copy / weights.INDEX_FILE).read_text())
+  shard = sorted(set(index["weight_map"].values()))[1]
+  a_tensor = next(k for k, f in index["weight_map"].items() if f == shard)
+  (broken_copy / shard).unlink()
+  _assert_refused(broken_copy, str(broken_copy / shard), "shard file missing", a_tensor)
+
+
+def _rewrite_shard(directory, tensor, change):
+  index = json.loads((directory / weights.INDEX_FILE).read_text())
+  shard = directory / index["weight_map"][tensor]
+  with safe_open(str(shard), framework="numpy") as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  change(tensors)
+  save_file(tensors, str(shard), metadata={"format": "pt"})
+  return shard
+
+
+def test_wrong_shape_is_refused(broken_copy):
+  tensor = "model.layers.1.mlp.up_proj.weight"
+
+  def shrink(tensors):
+    tensors[tensor] = tensors[tensor][:-1]
+
+  shard = _rewrite_shard(broken_copy, tensor, shrink)
+  message = _assert_refused(broken_copy, str(shard), tensor, "expected")
+  assert "(143, 64)" in message and "(144, 64)" in message
+
+
+def test_missing_tensor_is_refused(broken_copy):
+  tensor = "visual.blocks.1.attn.qkv.bias"
+
+  def drop(tensors):
+    del tensors[tensor]
+
+  shard = _rewrite_shard(broken_copy, tensor, drop)
+  _assert_refused(broken_copy, str(shard), tensor, "absent")
+
+
+def test_missing_tensor_in_single_file_and_unexpected_tensor_are_refused(hf_dir, tmp_path):
+  _, path = hf_dir
+  shutil.copyfile(path / "config.json", tmp_path / "config.json")
+  with safe_open(str(path / weights.SINGLE_FILE), framework="numpy") as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  del tensors["model.norm.weight"]
+  tensors["model.layers.9.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
+  save_file(tensors, str(tmp_path / weights.SINGLE_FILE))
+  message = _assert_refused(tmp_path, "'model.norm.weight' is missing", "unexpected tensor",
+                            "model.layers.9.mlp.up_proj.weight", str(tmp_path / weights.SINGLE_FILE))
+  assert "2 problem(s)" in message
+
+
+def test_bbu_checkpoint_that_does_not_match_its_config_is_refused(hf_dir, tmp_path):
+  _, path = hf_dir
+  model, config = weights.load_model(path)
+  checkpoint = weights.save_checkpoint(model, config, tmp_path / "ckpt")
+  raw = json.loads((checkpoint / "config.json").read_text())
+  raw["intermediate_size"] = 160
+  (checkpoint / "config.json").write_text(json.dumps(raw))
+  _assert_refused(checkpoint, "language_model/layers/mlp/up_proj/kernel", "expected", str(checkpoint))
+
+
+def test_parse_size():
+  assert weights.parse_size("5GB") == 5 * 10**9
+  assert weights.parse_size("200KB") == 200_000
+  assert weights.parse_size("2GiB") == 2 * 2**30
+  assert weights.parse_size(123) == 123
+  with pytest.raises(ValueError, match="not a size"):
+    weights.parse_size("big")
+
+
+def test_command_reports_bad_input_in_one_line(tmp_path):
+  result = run_module("convert_weights.hf_to_flax", "--hf_dir", str(tmp_path), "--out_dir", str(tmp_path / "o"))
+  assert result.returncode == 1
+  assert "config.json" in result.stderr and "Traceback" not in result.stderr
