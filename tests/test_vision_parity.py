@@ -65,8 +65,12 @@ def random_pixels(grids, seed) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal((n, our_config().patch_dim)).astype(np.float32)
 
 
+TRACES = []  # one entry per trace of run_tower: different images of one budget must not retrace
+
+
 @nnx.jit
 def run_tower(tower, pixel_values, meta):
+  TRACES.append(pixel_values.shape)
   return tower(pixel_values, meta)
 
 
@@ -168,7 +172,7 @@ def test_weights_round_trip_and_metadata():
   tower = V.VisionTower(config, rngs=nnx.Rngs(0))
   for path, var in nnx.to_flat_state(nnx.state(tower, nnx.Param)):
     names = var.get_metadata()["out_sharding"]
-    assert len(names) == len(var.shape), path
+    assert len(names) == len(var.shape) and all(isinstance(n, str) for n in names), (path, names)
     assert (names[0] == "layers") == (path[0] == "blocks"), (path, names)
     assert var.shape[0] == config.depth or path[0] != "blocks"
 
@@ -226,6 +230,10 @@ def test_several_images_and_batched_rows(windowed):
 
   out, meta = run_rows(tower, [(row_a, pixels_a)])
   assert rel_err(out[0][meta["merged_valid"][0]], ref_a) < 1e-4
+  traces = len(TRACES)
+  out, meta = run_rows(tower, [(row_b, pixels_b)])
+  assert rel_err(out[0][meta["merged_valid"][0]], ref_b) < 1e-4
+  assert len(TRACES) == traces  # other grids, same budget: same compiled program
 
   out, meta = run_rows(tower, [(row_a, pixels_a), (row_b, pixels_b)])
   assert meta["merged_valid"].sum(axis=1).tolist() == [len(ref_a), len(ref_b)] != [BUDGET // 4] * 2
@@ -263,7 +271,7 @@ def test_remat_policies_match():
     return jnp.sum(jnp.where(valid, tower(jnp.asarray(padded), meta), 0.0) ** 2)
 
   results = {}
-  for policy in ("none", "full", "dots_saveable"):
+  for policy in V.REMAT_POLICIES:
     tower = our_tower(config, model, remat_policy=policy)
     graphdef, params = nnx.split(tower)
     grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(nnx.merge(graphdef, p))))(params))
@@ -271,7 +279,7 @@ def test_remat_policies_match():
     value, grads = nnx.jit(nnx.value_and_grad(loss))(tower)
     results[policy] = (float(value), nnx.to_pure_dict(grads))
   base_value, base_grads = results["none"]
-  for policy in ("full", "dots_saveable"):
+  for policy in set(V.REMAT_POLICIES) - {"none"}:
     value, grads = results[policy]
     assert value == pytest.approx(base_value, rel=1e-6)
     # Recomputation changes XLA's fusion and summation order, so compare as relative norms.
@@ -291,3 +299,15 @@ def test_bf16_error_reported(windowed):
         f"({time.perf_counter() - start:.1f} s incl. compile)")
   # bf16 keeps 8 mantissa bits; several layers of rounding stay well under a few percent.
   assert err < 5e-2
+
+
+def test_rotary_matches_transformers():
+  from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
+  grids = [[1, 8, 10], [2, 4, 6]]
+  positions = get_vision_position_ids(torch.tensor(grids), 2)
+  rotary = Qwen2_5_VLVisionRotaryEmbedding(torch_tower().config)
+  cos_ref, sin_ref = rotary(torch.zeros(1), positions)
+  meta = V.vision_metadata(np.array(grids), 128, our_config())
+  cos, sin = V.vision_rotary(jnp.asarray(meta["rope_pos"][:len(positions)]), our_config().head_dim)
+  np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy(), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sin), sin_ref.numpy(), rtol=0, atol=1e-6)

@@ -206,11 +206,11 @@ class PatchMerger(nnx.Module):
   def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.merged_size = config.hidden_size * config.merge_unit
     self.ln_q = RMSNorm(config.hidden_size, eps=1e-6, axis_name="vision_embed", rngs=rngs)
-    # One logical name per matrix: merger_mlp and embed both map to "fsdp" in fsdp mode, and a mesh
-    # axis may shard only one dimension.
-    self.mlp_0 = Linear(self.merged_size, self.merged_size, axes=("merger_mlp", None), use_bias=True,
+    # Both dimensions of mlp_0 are merger-sized; sharding.logical_to_spec gives a mesh axis to the
+    # first of them only.
+    self.mlp_0 = Linear(self.merged_size, self.merged_size, axes=("merger_mlp", "merger_mlp"), use_bias=True,
                         rngs=rngs, dtype=dtype)
-    self.mlp_2 = Linear(self.merged_size, config.out_hidden_size, axes=(None, "embed"), use_bias=True,
+    self.mlp_2 = Linear(self.merged_size, config.out_hidden_size, axes=("merger_mlp", "embed"), use_bias=True,
                         rngs=rngs, dtype=dtype)
 
   def __call__(self, x: Array) -> Array:
@@ -220,15 +220,19 @@ class PatchMerger(nnx.Module):
     return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
-def _remat_policy(name: str):
-  """(use remat, jax checkpoint policy) for a remat policy name."""
-  if name == "none":
-    return False, None
-  if name == "full":
-    return True, None
-  if name == "dots_saveable":
-    return True, jax.checkpoint_policies.dots_saveable
-  raise ValueError(f"remat_policy must be 'none', 'full' or 'dots_saveable', got {name!r}")
+# The decoder's remat names (bbu_jax.models.text), so one config value serves both stacks.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _checked_remat_policy(name: str) -> str:
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
+  return name
 
 
 def vision_rotary(rope_pos: Array, head_dim: int) -> tuple[Array, Array]:
@@ -258,8 +262,7 @@ class VisionTower(nnx.Module):
       raise ValueError(f"fullatt_block_indexes {bad} are outside the {config.depth} vision blocks")
     self.config = config
     self.dtype = dtype
-    self.remat_policy = remat_policy
-    _remat_policy(remat_policy)  # validate early
+    self.remat_policy = _checked_remat_policy(remat_policy)
     self.patch_embed = PatchEmbed(config, rngs=rngs, dtype=dtype)
 
     @nnx.split_rngs(splits=config.depth)
@@ -280,13 +283,13 @@ class VisionTower(nnx.Module):
     window_mask = make_attention_mask(window_segments, window_segments, causal=False)
     is_full_attention = jnp.asarray(self.full_attention_layers, dtype=bool)
 
-    use_remat, policy = _remat_policy(self.remat_policy)
-
     def block_forward(block: VisionBlock, h: Array, mask: Array) -> Array:
       return block(h, cos, sin, mask)
 
-    if use_remat:
-      block_forward = nnx.remat(block_forward, policy=policy, prevent_cse=False)
+    if self.remat_policy != "none":
+      # prevent_cse=False: scan already stops XLA from merging the recomputation away; the extra
+      # barriers would only slow the step.
+      block_forward = nnx.remat(block_forward, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def run_blocks(h: Array, block: VisionBlock, full: Array) -> Array:
