@@ -26,6 +26,7 @@ setup(
         "scipy",
         "tensorflow-datasets>=4.9.7",
         "array_record>=0.5",
+        "importlib_resources",  # tfds builders defined in a package resolve their code path with it
     ],
     extras_require={
         # torch is pinned: a bare `torch` pulls a multi-GB CUDA build; 2.13.0 is a CPU build.
