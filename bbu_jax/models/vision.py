@@ -360,7 +360,8 @@ def _torch_to_ours(kind: str, array: np.ndarray) -> np.ndarray:
   return array
 
 
-def vision_param_from_torch(key: str, array: np.ndarray, config: VisionConfig) -> tuple[tuple[str, ...], int | None, np.ndarray]:
+def vision_param_from_torch(key: str, array: np.ndarray,
+                            config: VisionConfig) -> tuple[tuple[str, ...], int | None, np.ndarray]:
   """One HF vision tensor -> (our param path, stacked layer index or None, array in our layout).
 
   `key` is relative to `visual.` (e.g. `blocks.3.attn.qkv.weight`). Raises ValueError naming the
@@ -380,7 +381,8 @@ def vision_param_from_torch(key: str, array: np.ndarray, config: VisionConfig) -
   return ("blocks",) + path, int(layer), _torch_to_ours(kind, array)
 
 
-def vision_param_to_torch(path: tuple[str, ...], array: np.ndarray, config: VisionConfig) -> Iterator[tuple[str, np.ndarray]]:
+def vision_param_to_torch(path: tuple[str, ...], array: np.ndarray,
+                          config: VisionConfig) -> Iterator[tuple[str, np.ndarray]]:
   """Our param (path, full array; stacked over layers for `blocks`) -> (HF key, torch-layout array) pairs."""
   path = tuple(str(p) for p in path)
   if path[0] == "blocks":
