@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from bbu_jax.data import convert, geometry, records, validate
+from bbu_jax.data import convert, geometry, labels, records, validate
 from tests.conftest import REPO
 
 
@@ -282,3 +282,30 @@ def test_real_records_round_trip_through_platform_json(shared_data, tmp_path):
     assert (got["width"], got["height"]) == (original["width"], original["height"])
     assert [(o["bbox_2d"], o["desc"], o["geometry"]) for o in got["objects"]] == \
         [(o["bbox_2d"], o["desc"], o["geometry"]) for o in original["objects"]]
+
+
+def test_normalize_label_with_the_default_hierarchy():
+  h = labels.load_label_hierarchy(None)
+  assert labels.normalize_label("连接点（螺丝）/BBU安装螺丝/连接正确", None, h) == "螺丝连接点/BBU安装螺丝"
+  assert labels.normalize_label("BBU品牌/华为", None, h) == "bbu基带处理单元/华为"
+  assert labels.normalize_label("标签/匹配", None, h) == "标签贴纸"  # a type without properties
+  assert labels.normalize_label("挡风板/未安装", None, h) == "挡风板"  # property not allowed: bare type
+  assert labels.normalize_label("BBU设备/华为", None, h) is None  # type not in the hierarchy
+  assert labels.normalize_label(" 线缆 / 光纤 ", None, None) == "线缆/光纤"
+  assert labels.normalize_label("标签/匹配", None, None) == "标签贴纸/匹配"
+
+
+def test_label_files_load_and_bad_ones_are_named(tmp_path):
+  _write_json(tmp_path / "dict.json", {"a": ["x"]})
+  _write_json(tmp_path / "list.json", [{"object_type": "a", "property": ["x"]}, {"object_type": "b"}])
+  _write_json(tmp_path / "bad.json", {"a": "x"})
+  _write_json(tmp_path / "map.json", {"a": 1})
+  assert labels.load_label_hierarchy(tmp_path / "dict.json") == {"a": ["x"]}
+  assert labels.load_label_hierarchy(tmp_path / "list.json") == {"a": ["x"], "b": []}
+  assert labels.load_label_hierarchy("none") is None
+  assert labels.load_label_hierarchy(None) == labels.DEFAULT_LABEL_HIERARCHY
+  with pytest.raises(ValueError, match="bad.json: a label hierarchy is"):
+    labels.load_label_hierarchy(tmp_path / "bad.json")
+  with pytest.raises(ValueError, match="map.json: a token map"):
+    labels.load_token_map(tmp_path / "map.json")
+  assert labels.load_token_map(None)["BBU品牌"] == "bbu基带处理单元"

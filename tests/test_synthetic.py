@@ -1,0 +1,132 @@
+"""Synthetic data: deterministic per seed, validator-clean, statistics close to the real records' figures;
+the shipped real figures are reproducible from ../shared/data."""
+
+import collections
+import filecmp
+import json
+import statistics
+
+import pytest
+
+from bbu_jax.data import labels, real_stats, records, synthetic, validate
+
+_BACK = {label: real for real, label in synthetic.REAL_TO_SYNTHETIC.items()}
+
+
+@pytest.fixture(scope="module")
+def stats_set(tmp_path_factory):
+  """150 small images: enough objects (about 1,500) for frequency comparisons."""
+  out = tmp_path_factory.mktemp("synth_stats")
+  synthetic.generate(out, num_train=150, num_val=0, num_teacher=0, seed=0, scale=0.25)
+  return records.load_records(out / "train.jsonl")[0]
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+  for name, seed in [("a", 5), ("b", 5), ("c", 6)]:
+    synthetic.generate(tmp_path / name, num_train=3, num_val=1, num_teacher=1, seed=seed, scale=0.25)
+  for split in ("train", "val", "teacher_pool"):
+    assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+  match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a" / "images", tmp_path / "b" / "images",
+                                             sorted(p.name for p in (tmp_path / "a" / "images").iterdir()),
+                                             shallow=False)
+  assert len(match) == 5 and not mismatch and not errors
+  assert (tmp_path / "a" / "train.jsonl").read_bytes() != (tmp_path / "c" / "train.jsonl").read_bytes()
+
+
+def test_sample_does_not_depend_on_split_sizes(tmp_path):
+  synthetic.generate(tmp_path / "small", num_train=2, num_val=1, num_teacher=0, seed=1, scale=0.25)
+  synthetic.generate(tmp_path / "big", num_train=4, num_val=2, num_teacher=1, seed=1, scale=0.25)
+  small = (tmp_path / "small" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+  big = (tmp_path / "big" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+  assert big[:2] == small
+  assert (tmp_path / "small" / "val.jsonl").read_text() == \
+      (tmp_path / "big" / "val.jsonl").read_text().splitlines(keepends=True)[0]
+
+
+def test_output_is_validator_clean_with_expected_layout(tmp_path):
+  summary = synthetic.generate(tmp_path, num_train=6, num_val=2, num_teacher=2, seed=0, scale=0.5)
+  assert (summary["train"], summary["val"], summary["teacher_pool"]) == (6, 2, 2)
+  ids = set()
+  for split, count in (("train", 6), ("val", 2), ("teacher_pool", 2)):
+    report = validate.validate_file(tmp_path / f"{split}.jsonl", tmp_path)
+    assert report.ok and not report.warnings, [str(p) for p in report.problems]
+    assert report.records == count
+    for _, raw in records.iter_jsonl(tmp_path / f"{split}.jsonl"):
+      ids.add(raw["id"])
+      assert raw["width"] % 28 == 0 and raw["height"] % 28 == 0
+      for obj in raw["objects"]:  # one geometry per object, as the newest export writes them
+        keys = set(obj) - {"desc"}
+        assert len(keys) == 1
+        kind = keys.pop()
+        expected = {"bbu基带处理单元": "quad", "挡风板": "quad", "标签贴纸": "quad", "线缆": "line",
+                    "螺丝连接点": "bbox_2d", "机柜空间": "bbox_2d"}[labels.label_type(obj["desc"])]
+        assert kind == expected, obj
+  assert len(ids) == 10
+  vocab = json.loads((tmp_path / "label_vocab.json").read_text(encoding="utf-8"))
+  assert sum(vocab.values()) == summary["objects"]
+
+
+def test_labels_belong_to_the_synthetic_hierarchy(stats_set):
+  allowed = set(labels.synthetic_labels())
+  assert len(allowed) == 14
+  seen = {o["desc"] for r in stats_set for o in r["objects"]}
+  assert seen <= allowed
+  assert {"bbu基带处理单元/华为", "bbu基带处理单元/中兴", "线缆/光纤", "线缆/电线", "标签贴纸",
+          "螺丝连接点/BBU安装螺丝", "机柜空间/非满载"} <= seen
+  for label in allowed:  # conversion with the synthetic hierarchy keeps every label as it is
+    assert labels.normalize_label(label, {}, labels.SYNTHETIC_LABEL_HIERARCHY) == label
+
+
+def test_statistics_follow_the_real_figures(stats_set):
+  real = real_stats.REAL_STATS
+  counts = [len(r["objects"]) for r in stats_set]
+  # object count: median within 1.5 of the real median (8); mean within 15%
+  assert abs(statistics.median(counts) - real["objects_per_image"]["median"]) <= 1.5
+  assert abs(statistics.fmean(counts) / real["objects_per_image"]["mean"] - 1) <= 0.15
+  # type mix (cabinet space aside, which the measured exports lack): within 3 points per type
+  types = collections.Counter(_BACK[o["desc"]].split("/")[0] for r in stats_set for o in r["objects"]
+                              if not o["desc"].startswith("机柜空间"))
+  total, real_total = sum(types.values()), sum(real["type_counts"].values())
+  for name, count in real["type_counts"].items():
+    assert abs(types[name] / total - count / real_total) <= 0.03, name
+  # box sizes and positions: per fine type with 40+ objects, medians of relative width and height
+  # within 30% of the real ones, centres within 0.1
+  figures = collections.defaultdict(list)
+  for r in stats_set:
+    for o in r["objects"]:
+      if o["desc"] in _BACK:
+        x1, y1, x2, y2 = o["bbox_2d"]
+        figures[_BACK[o["desc"]]].append(((x2 - x1) / r["width"], (y2 - y1) / r["height"],
+                                          (x1 + x2) / 2 / r["width"], (y1 + y2) / 2 / r["height"]))
+  checked = 0
+  for name, values in figures.items():
+    if len(values) < 40:
+      continue
+    checked += 1
+    measured = [statistics.median(v[i] for v in values) for i in range(4)]
+    want = [real["fine_types"][name][key][3] for key in ("box_w_rel", "box_h_rel", "center_x_rel",
+                                                         "center_y_rel")]
+    assert 0.7 <= measured[0] / want[0] <= 1.3 and 0.7 <= measured[1] / want[1] <= 1.3, name
+    assert abs(measured[2] - want[2]) <= 0.1 and abs(measured[3] - want[3]) <= 0.1, name
+  assert checked >= 6
+
+
+def test_image_sizes_are_the_real_ones_scaled():
+  assert synthetic.image_size_choices(1.0) == [
+      tuple(int(v) for v in name.split("x")) for name in real_stats.REAL_STATS["image_sizes"]]
+  half = synthetic.image_size_choices(0.5)
+  assert (280, 364) in half and all(w % 28 == 0 and h % 28 == 0 for w, h in half)
+
+
+def test_shipped_real_figures_are_reproducible(shared_data):
+  pooled = []
+  for name in ("bbu_records.jsonl", "bbu_records_v3.jsonl"):
+    pooled.extend(records.load_records(shared_data / name)[0])
+  assert real_stats.measure(pooled) == real_stats.REAL_STATS
+
+
+def test_fine_type_and_quantiles():
+  assert real_stats.fine_type("BBU设备/显示完整，华为/无需安装") == "BBU设备/华为"
+  assert real_stats.fine_type("螺丝、光纤插头/BBU端光纤插头,只显示部分") == "螺丝、光纤插头/BBU端光纤插头"
+  assert real_stats.fine_type("标签/5G-AAU2-光纤") == "标签"
+  assert real_stats.quantiles([0, 1, 2, 3, 4]) == [0, 0.2, 1, 2, 3, 3.8, 4]
