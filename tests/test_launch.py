@@ -424,6 +424,14 @@ def test_trainer_failing_on_a_healthy_slice_stops_the_loop():
   assert "training failed on a healthy slice" in result.stderr
 
 
+def test_a_launch_that_keeps_failing_on_a_healthy_slice_gives_up(tmp_path):
+  # install.sh fails here because --source_dir does not exist: three tries, then stop and delete
+  printed, result = supervise("ACTIVE,ACTIVE,ACTIVE", f"--source_dir={tmp_path / 'missing'}", check_rc=1)
+  assert "giving up: the launch fails on a healthy slice" in result.stderr
+  assert result.stderr.count("launch failed") == 3
+  assert [kind(command) for command in printed] == ["describe"] * 3 + ["delete"]
+
+
 def test_gives_up_after_max_recreates():
   printed, result = supervise("ACTIVE,SUSPENDED,SUSPENDED,SUSPENDED", "--max_recreates=2", check_rc=1)
   assert [kind(command) for command in printed].count("create") == 2
@@ -465,10 +473,25 @@ def test_gcloud_accepts_every_printed_command(tmp_path):
   assert {k for k, _ in representatives} == {"create", "describe", "delete", "ssh", "scp"}
   environ = {**os.environ, "HOME": str(tmp_path), "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
              "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
-  for command in representatives.values():
-    result = subprocess.run(command, capture_output=True, text=True, env=environ, timeout=60)
-    assert "active account" in result.stderr, (command, result.stderr)
-    assert "unrecognized arguments" not in result.stderr
+  running = [(command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=environ)) for command in representatives.values()]
+  for command, process in running:
+    _, stderr = process.communicate(timeout=60)
+    assert "active account" in stderr, (command, stderr)
+    assert "unrecognized arguments" not in stderr
+
+
+def test_readme_rehearsal_command_runs():
+  """The dry run shown in launch/README.md works as written and passes the train command through."""
+  readme = (REPO / "launch" / "README.md").read_text()
+  section = readme[readme.index("### 2. Rehearse"):]
+  block = section[section.index("```bash") + len("```bash"):section.index("```", section.index("```bash") + 7)]
+  words = shlex.split(block.replace("\\\n", " "))
+  assert words[0] == "launch/tpu/run.sh" and "--dry_run" in words
+  result = subprocess.run(["bash", *words], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  starts = [command for command in commands(result.stdout) if is_train_start(command)]
+  assert started_train_command(starts[0]) == ["python3", "-m", "bbu_jax.train", *words[words.index("--") + 1:]]
 
 
 # ---- GPU: SLURM ----------------------------------------------------------------------------------

@@ -165,8 +165,13 @@ def on_cloud_tpu_vm() -> bool:
 
   jax's own check (private, but it knows each new chip's PCI id); jax runs it at import to set up libtpu.
   """
-  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
-  num_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    num_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  except (ImportError, AttributeError) as error:
+    # A TPU pod still runs without jax.distributed (libtpu links the hosts), minus its extras.
+    logging.warning("cannot tell whether this is a Cloud TPU VM (%s); not calling jax.distributed", error)
+    return False
   return num_chips > 0
 
 

@@ -55,6 +55,7 @@ recreate() {
   tpu_delete || log "delete failed; trying to create anyway"
   tpu_create || log "create failed; will retry"
   launched=0
+  failed_launches=0  # a launch cut short by the preemption says nothing about the next slice
 }
 
 launch() {
