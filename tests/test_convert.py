@@ -275,8 +275,19 @@ def test_real_records_round_trip_through_platform_json(shared_data, tmp_path):
       originals[stem] = rec
       Image.new("L", (rec["width"], rec["height"])).save(tmp_path / "images" / f"{stem}.png")
       _write_json(tmp_path / "raw" / f"{stem}.json", _as_platform(rec))
-  report, recs, out = _convert(tmp_path, hierarchy=None, token_map={})
-  assert report["rejects"] == 0 and set(recs) == set(originals)
+  report, train, out = _convert(tmp_path, hierarchy=None, token_map={}, val_ratio=0.1,
+                                teacher_pool_size=12)
+  parts = {name: {r["id"]: r for r in records.load_records(out / f"{name}.jsonl")[0]}
+           for name in ("val", "teacher_pool")}
+  assert report["rejects"] == 0
+  assert (len(parts["val"]), len(parts["teacher_pool"])) == (round(0.1 * len(originals)), 12)
+  recs = {**train, **parts["val"], **parts["teacher_pool"]}
+  assert len(recs) == len(train) + len(parts["val"]) + len(parts["teacher_pool"])  # disjoint
+  assert set(recs) == set(originals)
+  covered = set().union(*(convert.teacher_features(r) for r in parts["teacher_pool"].values()))
+  assert {"count:sparse", "count:medium", "count:dense", "size:small", "size:medium",
+          "size:large"} <= covered
+  assert report["teacher_coverage"]["covered"] == len(covered)
   for stem, original in originals.items():
     got = recs[stem]
     assert (got["width"], got["height"]) == (original["width"], original["height"])

@@ -5,10 +5,13 @@ import collections
 import filecmp
 import json
 import statistics
+import subprocess
+import sys
 
 import pytest
 
 from bbu_jax.data import labels, real_stats, records, synthetic, validate
+from tests.conftest import REPO
 
 _BACK = {label: real for real, label in synthetic.REAL_TO_SYNTHETIC.items()}
 
@@ -130,3 +133,15 @@ def test_fine_type_and_quantiles():
   assert real_stats.fine_type("螺丝、光纤插头/BBU端光纤插头,只显示部分") == "螺丝、光纤插头/BBU端光纤插头"
   assert real_stats.fine_type("标签/5G-AAU2-光纤") == "标签"
   assert real_stats.quantiles([0, 1, 2, 3, 4]) == [0, 0.2, 1, 2, 3, 3.8, 4]
+
+
+def test_cli_writes_the_requested_sizes(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "bbu_jax.data.synthetic", "--output_root", str(tmp_path),
+                         "--num_train", "2", "--num_val", "1", "--num_teacher", "0",
+                         "--image_size", "112x84"], capture_output=True, text=True, cwd=REPO,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  raws = [raw for _, raw in records.iter_jsonl(tmp_path / "train.jsonl")]
+  assert len(raws) == 2 and all((r["width"], r["height"]) == (112, 84) for r in raws)
+  assert (tmp_path / "teacher_pool.jsonl").read_text() == ""
+  assert validate.validate_file(tmp_path / "val.jsonl", tmp_path).ok

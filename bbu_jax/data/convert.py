@@ -361,9 +361,17 @@ def teacher_features(record: dict) -> set[str]:
   return features
 
 
+def _cover_gain(features: set[str], uncovered: set[str]) -> tuple[int, int]:
+  new = features & uncovered
+  layout = sum(1 for f in new if not f.startswith("label:"))
+  return layout, len(new) - layout
+
+
 def select_teacher_pool(records: Sequence[dict], size: int, seed: int = 0) -> tuple[list[int], dict]:
   """Indices of `size` records chosen greedily to cover every teacher feature (see teacher_features);
-  once all are covered the cover starts over, for variety. Returns (indices, coverage report)."""
+  once all are covered the cover starts over, for variety. The few layout features (count, cell and
+  size buckets) come first, so that hundreds of rare free-text labels cannot crowd them out of a small
+  pool. Returns (indices, coverage report)."""
   order = list(range(len(records)))
   random.Random(seed).shuffle(order)
   features = [teacher_features(records[i]) for i in range(len(records))]
@@ -374,7 +382,7 @@ def select_teacher_pool(records: Sequence[dict], size: int, seed: int = 0) -> tu
   while remaining and len(chosen) < size:
     if not uncovered:
       uncovered = set(universe)
-    best = max(remaining, key=lambda i: len(features[i] & uncovered))  # ties: first in seeded order
+    best = max(remaining, key=lambda i: _cover_gain(features[i], uncovered))  # ties: seeded order
     chosen.append(best)
     remaining.remove(best)
     uncovered -= features[best]
