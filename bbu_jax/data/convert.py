@@ -285,6 +285,7 @@ def convert_sample(sample: RawSample, image_path: str, output_root: str, setting
   try:
     with Image.open(image_path) as opened:
       stored_size = opened.size
+      opened_orientation = opened.getexif().get(0x0112, 1)
       image = ImageOps.exif_transpose(opened)
       image.load()
   except Exception as e:  # PIL raises many types for bad files
@@ -330,10 +331,11 @@ def convert_sample(sample: RawSample, image_path: str, output_root: str, setting
   relative = f"{folder}/{os.path.basename(image_path)}"
   destination = os.path.join(output_root, relative)
   os.makedirs(os.path.dirname(destination), exist_ok=True)
+  if image.mode not in ("RGB", "L") and destination.lower().endswith((".jpg", ".jpeg")):
+    image = image.convert("RGB")  # JPEG has no alpha or palette
   if (out_width, out_height) != (width, height):
-    image = image.convert("RGB") if image.mode not in ("RGB", "L") else image
     image.resize((out_width, out_height), Image.BICUBIC).save(destination, quality=95)
-  elif stored_size != (width, height) or image.getexif().get(0x0112, 1) != 1:
+  elif stored_size != (width, height) or opened_orientation != 1:
     image.save(destination, quality=95)  # rotated upright: the orientation tag is not copied
   else:
     shutil.copyfile(image_path, destination)
