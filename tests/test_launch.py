@@ -692,10 +692,65 @@ _WORKER = textwrap.dedent("""\
     local = np.full((1, 3), 10.0 * (process + 1))
     global_array = multihost_utils.host_local_array_to_global_array(local, mesh, PartitionSpec("processes"))
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))(global_array)
-    print("RESULT " + json.dumps({"mode": settings.mode, "again": again.mode, "count": jax.process_count(),
+    from jax._src import xla_bridge  # which GPUs this process may use: "all" unless something pinned it
+    cuda_visible = getattr(getattr(xla_bridge, "CUDA_VISIBLE_DEVICES", None), "value", "all")
+    print("RESULT " + json.dumps({"mode": settings.mode, "cuda_visible": cuda_visible, "again": again.mode, "count": jax.process_count(),
                                   "index": process, "main": is_main_process(),
                                   "gathered": gathered.ravel().tolist(), "sum": float(total)}), flush=True)
     """)
+
+
+def test_slurm_batch_script_joins_two_processes_through_srun(tmp_path):
+  """slurm.sbatch run for real through an `srun` that starts two local tasks the way SLURM does
+  (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID): the exported coordinator and the SLURM variables are
+  all the trainer gets, the two processes form one jax.distributed run, and neither is pinned to the
+  GPU numbered SLURM_LOCALID (one task per host must see all of its GPUs)."""
+  worker = tmp_path / "worker.py"
+  worker.write_text("import json\n" + _WORKER)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  # The "python" given to the script: the real one, except that the trainer is the worker above.
+  (bin_dir / "fake_python").write_text(textwrap.dedent(f"""\
+      #!/usr/bin/env bash
+      if [[ $1 == -m && $2 == bbu_jax.train ]]; then
+        shift 2
+        echo "train args: $*"
+        exec {sys.executable} {worker}
+      fi
+      exec {sys.executable} "$@"
+      """))
+  (bin_dir / "srun").write_text(textwrap.dedent("""\
+      #!/usr/bin/env bash
+      # srun --ntasks-per-node=1 --kill-on-bad-exit=1 CMD...: two tasks on this host
+      while [[ $1 == --* ]]; do shift; done
+      pids=()
+      for task in 0 1; do
+        SLURM_PROCID=$task SLURM_LOCALID=$task SLURM_NTASKS=2 SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST \
+          "$@" > "$SRUN_OUT/task$task.out" 2>&1 &
+        pids+=($!)
+      done
+      status=0
+      for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+      exit $status
+      """))
+  for path in bin_dir.iterdir():
+    path.chmod(0o755)
+  environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
+  environ.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+                  "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "5", "SRUN_OUT": str(tmp_path)})
+  result = subprocess.run(["bash", str(GPU / "slurm.sbatch"), f"--port={free_port()}",
+                           f"--python={bin_dir / 'fake_python'}", "--", "--config", "configs/exp.py"],
+                          cwd=REPO, env=environ, capture_output=True, text=True, timeout=120)
+  outputs = [(tmp_path / f"task{task}.out").read_text() for task in (0, 1)]
+  assert result.returncode == 0, result.stderr + "".join(output[-2000:] for output in outputs)
+  for task, output in enumerate(outputs):
+    assert "train args: --config configs/exp.py" in output
+    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+    reported = json.loads(line[len("RESULT "):])
+    assert reported["mode"] == "explicit" and reported["count"] == 2 and reported["index"] == task
+    assert reported["gathered"] == [1.0, 2.0]
+    assert reported["sum"] == 90.0
+    assert reported["cuda_visible"] == "all"
 
 
 def free_port() -> int:
