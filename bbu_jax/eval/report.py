@@ -71,7 +71,8 @@ def draw_pr_curve(path: pathlib.Path, title: str, curves: dict[str, np.ndarray],
     recall = np.linspace(0, 1, len(curve))
     points = [xy(r, p) for r, p in zip(recall, curve)]
     color = CURVE_COLORS.get(threshold, (0, 0, 0))
-    draw.line(points, fill=color, width=2)
+    # The first (lowest) threshold is drawn widest, so that equal curves stay visible.
+    draw.line(points, fill=color, width=5 if n == 0 else 2)
     draw.line([(legend_x, top + 10 + 12 * n), (legend_x + 14, top + 10 + 12 * n)], fill=color, width=2)
     draw.text((legend_x + 18, top + 4 + 12 * n), f"IoU {threshold}", fill="black", font=font)
   image.save(path)
@@ -195,6 +196,10 @@ function applyFilters() {
   });
   document.getElementById('shown-count').textContent = shown;
 }
+// Filters can be preset from the address: index.html#category=screw&error=missed
+var preset = new URLSearchParams(location.hash.slice(1));
+if (preset.get('category')) { document.getElementById('category-filter').value = preset.get('category'); }
+if (preset.get('error')) { document.getElementById('error-filter').value = preset.get('error'); }
 document.getElementById('category-filter').addEventListener('change', applyFilters);
 document.getElementById('error-filter').addEventListener('change', applyFilters);
 applyFilters();
