@@ -286,3 +286,34 @@ def test_command_reports_bad_input_in_one_line(tmp_path):
   result = run_module("convert_weights.hf_to_flax", "--hf_dir", str(tmp_path), "--out_dir", str(tmp_path / "o"))
   assert result.returncode == 1
   assert "config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_loading_holds_one_parameter_buffer_at_a_time(tmp_path):
+  import dataclasses
+  import tracemalloc
+
+  from bbu_jax.models.config import Qwen25VLConfig
+  from bbu_jax.models.qwen2_5_vl import Qwen25VL
+  tiny = Qwen25VLConfig.from_hf_dict(tm.tiny_hf_config().to_dict())
+  # Weights large enough (~50 MB) that Python's own allocations during loading do not matter.
+  config = dataclasses.replace(
+      tiny, text=dataclasses.replace(tiny.text, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                                     num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
+                                     mrope_section=(8, 12, 12)),
+      vision=dataclasses.replace(tiny.vision, out_hidden_size=512))
+  weights.save_hf(Qwen25VL(config, rngs=nnx.Rngs(0)), config, tmp_path, dtype="float32")
+  shapes = weights.hf_torch_shapes(config)
+  total = 4 * sum(int(np.prod(s)) for s in shapes.values())
+  tracemalloc.start()
+  try:
+    model, _ = weights.load_model(tmp_path)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert model.language_model.layers.mlp.up_proj.kernel[...].shape == (4, 512, 1408)
+  # Host memory peaks at one parameter buffer plus one tensor being read (which safetensors may hold
+  # twice while converting), plus Python's own small change: far below a second copy of the weights.
+  largest_param = 4 * 4 * 512 * 1408
+  largest_tensor = 4 * max(int(np.prod(s)) for s in shapes.values())
+  print(f"\nLOAD host peak {peak / 1e6:.1f} MB for {total / 1e6:.1f} MB of weights")
+  assert peak < largest_param + 2 * largest_tensor + 2e6 < total / 2

@@ -120,6 +120,19 @@ def _images_per_row(input_ids: np.ndarray, attention_mask: np.ndarray, grids: np
   return rows
 
 
+def _numpy(value, dtype=None) -> np.ndarray | None:
+  """np.ndarray from numpy, jax, lists or torch tensors (bfloat16 included) without importing torch."""
+  if value is None:
+    return None
+  if hasattr(value, "detach"):  # a torch tensor: numpy cannot take its bfloat16 directly
+    value = value.detach().cpu()
+    if value.is_floating_point():
+      value = value.float()
+    value = value.numpy()
+  array = np.asarray(value)
+  return array.astype(dtype) if dtype is not None else array
+
+
 def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                    *, mm_token_type_ids=None, seq_bucket: bool = True) -> dict[str, Any]:
   """transformers-style arguments -> numpy inputs of `Qwen25VL.__call__` with bucketed static shapes.
@@ -130,20 +143,20 @@ def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel
   input_ids, positions, segment_ids, pixel_values, vision_meta (the last two None without images) and
   seq_len (the caller's S, to cut the logits back).
   """
-  ids = np.asarray(input_ids)
+  ids = _numpy(input_ids)
   if ids.ndim == 1:
     ids = ids[None]
   if ids.ndim != 2:
     raise ValueError(f"input_ids must have shape (batch, seq), got {ids.shape}")
   ids = ids.astype(np.int32)
   batch, seq = ids.shape
-  mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape) != 0
+  mask = np.ones_like(ids, bool) if attention_mask is None else _numpy(attention_mask).reshape(ids.shape) != 0
   if mm_token_type_ids is not None:
-    types = np.asarray(mm_token_type_ids).reshape(ids.shape)
+    types = _numpy(mm_token_type_ids).reshape(ids.shape)
     if np.any((types == 1) != (ids == config.image_token_id)) or np.any(types > 1):
       raise ValueError("mm_token_type_ids must mark exactly the image tokens (videos are not supported)")
   vc = config.vision
-  grids = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+  grids = None if image_grid_thw is None else _numpy(image_grid_thw, np.int64).reshape(-1, 3)
   if grids is not None:
     positions, _ = rope.get_rope_index_batched(ids, grids, mask, image_token_id=config.image_token_id,
                                                spatial_merge_size=vc.spatial_merge_size)
@@ -164,7 +177,7 @@ def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel
     return out
   if grids is None:
     raise ValueError("pixel_values given without image_grid_thw")
-  pixels = np.asarray(pixel_values, np.float32)
+  pixels = _numpy(pixel_values, np.float32)
   patches_per_image = np.prod(grids, axis=1)
   if pixels.ndim != 2 or pixels.shape != (int(patches_per_image.sum()), vc.patch_dim):
     raise ValueError(f"pixel_values has shape {pixels.shape}, expected ({int(patches_per_image.sum())}, "
