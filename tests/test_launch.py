@@ -351,7 +351,7 @@ def test_remote_start_refuses_a_second_trainer_and_status_says_running(tmp_path)
     assert second.returncode == 1
     assert "already running" in second.stderr
   finally:
-    os.kill(int((home / "bbu_run" / "train.pid").read_text()), 15)
+    os.killpg(int((home / "bbu_run" / "train.pid").read_text()), 15)  # its own session: all of it
   deadline = time.time() + 20
   while run_remote(status_command, home).stdout.strip() == "running":
     assert time.time() < deadline
@@ -455,6 +455,123 @@ def test_default_rehearsal_shows_the_happy_path():
   assert kinds[:2] == ["describe", "create"]
   assert kinds[-1] == "delete"
   assert sum(is_train_start(command) for command in printed) == 1
+
+
+# ---- without --dry_run, against a slice emulated on this machine -----------------------------------
+
+# A `gcloud` whose slice is a directory here: ssh runs the command with HOME set to it, scp copies
+# into it, delete stops the trainer and removes it, and describe answers from a list of states
+# ("STATE@N" answers once the trainer has saved step N; SUSPENDED also kills the trainer, as a
+# preemption does).
+_FAKE_GCLOUD = r"""#!/usr/bin/env bash
+printf '%s\n' "$*" >> "$FAKE_GCLOUD_LOG"
+stop_trainer() {
+  local pid_file=$FAKE_SLICE_HOME/bbu_run/train.pid
+  # the trainer runs in its own session (setsid): its process group is the whole of it
+  if [[ -f $pid_file ]]; then kill -TERM -- "-$(cat "$pid_file")" 2>/dev/null || true; fi
+}
+case "$*" in
+  "compute tpus queued-resources describe"*)
+    token=$(head -n 1 "$FAKE_STATES_FILE")
+    sed -i 1d "$FAKE_STATES_FILE"
+    token=${token:-ACTIVE}
+    if [[ $token == *@* ]]; then  # STATE@N: answer once the trainer has checkpointed step N
+      for _ in $(seq 300); do
+        (( $(cat "$FAKE_BUCKET/last_step" 2>/dev/null || echo 0) >= ${token#*@} )) && break
+        sleep 0.1
+      done
+      token=${token%@*}
+    fi
+    if [[ $token == NOT_FOUND ]]; then
+      echo "ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: Requested entity was not found." >&2
+      exit 1
+    fi
+    if [[ $token == SUSPENDED ]]; then stop_trainer; fi
+    echo "$token" ;;
+  "compute tpus queued-resources create"*) mkdir -p "$FAKE_SLICE_HOME" ;;
+  "compute tpus queued-resources delete"*) stop_trainer; sleep 0.5; rm -rf "$FAKE_SLICE_HOME" ;;
+  "compute tpus tpu-vm scp --recurse"*) cp -r "$6" "$FAKE_SLICE_HOME/${7#*:}" ;;
+  "compute tpus tpu-vm ssh"*)
+    for arg in "$@"; do
+      if [[ $arg == --command=* ]]; then command=${arg#--command=}; fi
+    done
+    cd "$FAKE_SLICE_HOME" && HOME=$FAKE_SLICE_HOME exec bash -c "$command" ;;
+  *) echo "fake gcloud: unexpected $*" >&2; exit 2 ;;
+esac
+"""
+
+# The workers' python: pip succeeds, and the trainer counts 10 steps, keeping its last finished step in
+# output_dir (the checkpoint) and starting after it, as bbu_jax.train resumes from its run folder.
+_FAKE_TRAINER_PYTHON = """#!{python}
+import os, sys, time
+if sys.argv[1:3] == ["-m", "pip"]:
+  sys.exit(0)
+assert sys.argv[1:3] == ["-m", "bbu_jax.train"], sys.argv
+output_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--config.output_dir="))
+checkpoint = os.path.join(output_dir, "last_step")
+start = int(open(checkpoint).read()) if os.path.exists(checkpoint) else 0
+with open(os.path.join(output_dir, "history"), "a") as f:
+  f.write(f"start {{start}}\\n")
+for step in range(start + 1, 11):
+  time.sleep(0.2)
+  print(f"step {{step}}", flush=True)
+  with open(checkpoint + ".tmp", "w") as f:
+    f.write(str(step))
+  os.replace(checkpoint + ".tmp", checkpoint)
+"""
+
+
+def emulated_slice(tmp_path, states):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(_FAKE_GCLOUD)
+  (bin_dir / "gcloud").chmod(0o755)
+  python = tmp_path / "worker_python"
+  python.write_text(_FAKE_TRAINER_PYTHON.format(python=sys.executable))
+  python.chmod(0o755)
+  (tmp_path / "states").write_text("".join(state + "\n" for state in states))
+  (tmp_path / "bucket").mkdir()
+  (tmp_path / "source").mkdir()
+  (tmp_path / "source" / "setup.py").write_text("# the project\n")
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_GCLOUD_LOG": str(tmp_path / "gcloud.log"),
+         "FAKE_SLICE_HOME": str(tmp_path / "slice"), "FAKE_STATES_FILE": str(tmp_path / "states"),
+         "FAKE_BUCKET": str(tmp_path / "bucket"), "TMPDIR": str(tmp_path)}
+  args = [*BASE, "--accelerator_type=v5litepod-16", "--spot", "--poll_seconds=0", f"--python={python}",
+          f"--source_dir={tmp_path / 'source'}", "--", "--config", "configs/exp.py",
+          f"--config.output_dir={tmp_path / 'bucket'}"]
+  return env, args
+
+
+def test_supervisor_recreates_a_preempted_slice_and_the_run_resumes(tmp_path):
+  """No dry run: the supervisor against an emulated slice that is preempted mid-run. It recreates the
+  slice, reinstalls, reruns the same command; the trainer resumes after its last checkpoint and the
+  run ends once, with exit 0 and the slice deleted."""
+  env, args = emulated_slice(tmp_path, ["NOT_FOUND", "WAITING_FOR_RESOURCES", "ACTIVE", "ACTIVE@2",
+                                        "SUSPENDED", "ACTIVE"])
+  result = run_script(TPU / "run_with_preemption.sh", *args, env=env)
+  assert result.returncode == 0, result.stderr
+  history = (tmp_path / "bucket" / "history").read_text().split()
+  starts = [int(value) for value in history[1::2]]
+  assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < 10, history  # resumed mid-run
+  assert (tmp_path / "bucket" / "last_step").read_text() == "10"
+  log = (tmp_path / "gcloud.log").read_text().splitlines()
+  assert sum(line.startswith("compute tpus queued-resources create") for line in log) == 2
+  assert sum(line.startswith("compute tpus queued-resources delete") for line in log) == 2
+  assert log[-1].startswith("compute tpus queued-resources delete")
+  assert "recreating it" in result.stderr and "training finished" in result.stderr
+  assert not (tmp_path / "slice").exists()
+
+
+def test_run_streams_the_log_and_returns_the_trainer_exit_code(tmp_path):
+  env, args = emulated_slice(tmp_path, ["WAITING_FOR_RESOURCES", "ACTIVE"])
+  result = run_script(TPU / "run.sh", *args, env=env)
+  assert result.returncode == 0, result.stderr
+  assert [f"step {step}" for step in range(1, 11)] == [
+      line for line in result.stdout.splitlines() if line.startswith("step ")]
+  log = (tmp_path / "gcloud.log").read_text().splitlines()
+  assert log[0].startswith("compute tpus queued-resources create bbu-run1")
+  assert log[-1].startswith("compute tpus queued-resources delete bbu-run1")
+  assert not (tmp_path / "slice").exists()
 
 
 # ---- the real gcloud accepts what the scripts print ----------------------------------------------

@@ -276,15 +276,19 @@ query_state() {
     next_fake_state
     return 0
   fi
+  local errors
+  errors=$(mktemp)
   if output=$(gcloud compute tpus queued-resources describe "$NAME" "${location[@]}" \
-      --format='value(state.state)' 2>&1); then
+      --format='value(state.state)' 2> "$errors"); then
     STATE=$(tail -n 1 <<< "$output")
-  elif grep -qiE 'NOT_FOUND|not found' <<< "$output"; then
+    STATE=${STATE:-UNKNOWN}
+  elif grep -qiE 'NOT_FOUND|not found' "$errors"; then
     STATE=NOT_FOUND
   else
-    log "could not read the state of $NAME: $output"
+    log "could not read the state of $NAME: $(cat "$errors")"
     STATE=UNKNOWN
   fi
+  rm -f "$errors"
 }
 
 wait_until_active() {
