@@ -94,8 +94,12 @@ def test_round_trip_through_the_commands(hf_dir, tmp_path):
   error = relative_error(hf_logits(reloaded, ids, mask, pixels, grids), original, mask)
   print(f"\nROUND TRIP fp32 HF -> bbu_jax -> HF: relative logits error {error:.2e}")
   assert error < 1e-6
-  # The bbu_jax checkpoint itself gives the same logits as transformers.
+  # The bbu_jax checkpoint and the sharded published-layout export give transformers' logits in bbu_jax.
   assert relative_error(load_pretrained(checkpoint)(ids, mask, pixels, grids), original, mask) < 1e-4
+  assert relative_error(load_pretrained(exported)(ids, mask, pixels, grids), original, mask) < 1e-4
+  # A float32 checkpoint restores as bfloat16 on request.
+  model, _ = weights.load_model(checkpoint, dtype=jnp.bfloat16)
+  assert model.language_model.embed_tokens.embedding[...].dtype == jnp.bfloat16
 
 
 def test_bfloat16_export_loads_in_transformers(hf_dir, tmp_path):

@@ -16,12 +16,12 @@ from bbu_jax.models.config import TextConfig
 
 Array = jax.Array
 
-# Remat policy names accepted in configs, mapped to jax.checkpoint policies. "none": no rematerialisation.
+# Remat policy names accepted in configs (the same names as the vision tower's), mapped to
+# jax.checkpoint policies. "none": no rematerialisation; "full": save nothing, recompute everything.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
