@@ -153,6 +153,46 @@ def test_loaded_params_carry_logical_axes_and_requested_sharding(hf_dir):
   assert model.visual.blocks.attn.qkv.kernel.get_metadata()["out_sharding"][0] == "layers"
 
 
+SHARDED_LOAD_SCRIPT = """
+import sys
+import numpy as np
+import jax
+from bbu_jax.models import weights
+from bbu_jax.models.qwen2_5_vl import PretrainedQwen25VL
+from bbu_jax.parallel import sharding
+from flax import nnx
+
+path = sys.argv[1]
+config = weights.read_config(path)
+mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2})
+abstract = weights.abstract_model(config)
+shardings = sharding.tree_shardings(nnx.state(abstract, nnx.Param), sharding.param_rules("fsdp"), mesh)
+model, _ = weights.load_model(path, shardings=shardings)
+q = model.language_model.layers.self_attn.q_proj.kernel[...]
+embed = model.language_model.embed_tokens.embedding[...]
+assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), q.sharding
+assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp"), embed.sharding
+assert len(q.addressable_shards) == 4 and q.addressable_shards[0].data.shape == (2, 32, 32)
+reference, _ = weights.load_model(path)
+ids = np.array([[5, 7, 9, 11, 13, 2]])
+ours = np.asarray(PretrainedQwen25VL(model, config)(ids))
+ref = np.asarray(PretrainedQwen25VL(reference, config)(ids))
+np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+print("SHARDED LOAD OK")
+"""
+
+
+def test_streamed_load_into_a_four_device_mesh(hf_dir, tmp_path):
+  _, path = hf_dir
+  script = tmp_path / "sharded_load.py"
+  script.write_text(SHARDED_LOAD_SCRIPT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  result = subprocess.run([sys.executable, str(script), str(path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0 and "SHARDED LOAD OK" in result.stdout, result.stderr[-3000:]
+
+
 def test_loading_reads_each_tensor_once_and_only_after_validation(hf_dir, monkeypatch):
   _, path = hf_dir
   reads = []

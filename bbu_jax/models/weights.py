@@ -266,9 +266,11 @@ ShardingSpec = Callable[[tuple[str, ...], jax.ShapeDtypeStruct], jax.sharding.Sh
 
 
 def _sharding_for(shardings: ShardingSpec, path: tuple[str, ...], abstract: jax.ShapeDtypeStruct):
+  """The target sharding of one param: from a callable, an nnx.State of shardings (e.g.
+  bbu_jax.parallel.sharding.tree_shardings of the abstract params) or a nested dict of them."""
   if shardings is None:
     return None
-  if callable(shardings):
+  if callable(shardings) and not isinstance(shardings, Mapping):
     return shardings(path, abstract)
   node = shardings
   for name in path:
@@ -277,7 +279,11 @@ def _sharding_for(shardings: ShardingSpec, path: tuple[str, ...], abstract: jax.
 
 
 def _place(buffer: np.ndarray, sharding) -> jax.Array:
-  return jax.device_put(buffer, sharding) if sharding is not None else jnp.asarray(buffer)
+  """The host buffer as a jax.Array with `sharding`; each process supplies only its own shards, so
+  this also works across hosts."""
+  if sharding is None:
+    return jnp.asarray(buffer)
+  return jax.make_array_from_callback(buffer.shape, sharding, lambda index: buffer[index])
 
 
 def _param_state(model: nnx.Module) -> nnx.State:
@@ -293,8 +299,8 @@ def load_hf_params(directory: str | pathlib.Path, config: Qwen25VLConfig, abstra
   """Reads a validated HF directory into a pure dict of arrays shaped and typed like `abstract`'s params.
 
   Each parameter is assembled in one numpy buffer (stacked layers slice by slice), placed with its
-  sharding (`shardings`: a callable (path, ShapeDtypeStruct) -> Sharding, or a pure dict of them),
-  and the buffer dropped before the next.
+  sharding (`shardings`: a callable (path, ShapeDtypeStruct) -> Sharding, an nnx.State of shardings
+  or a nested dict of them), and the buffer dropped before the next.
   """
   sources = scan_hf_checkpoint(directory, config)
   # Group tensors by destination without reading them: the mapping only needs names and shapes.
