@@ -79,6 +79,35 @@ class ChatConfig:
       raise ValueError(f"max_caption_tokens must be >= 2 (one token + eos), got {self.max_caption_tokens}")
 
 
+def system_prompt(config: ChatConfig) -> str:
+  language = config.prompt_language
+  return _SYSTEM_PROMPT[language].format(hierarchy=hierarchy_text(config.label_hierarchy, language))
+
+
+def user_prompt(config: ChatConfig) -> str:
+  language = config.prompt_language
+  text = _USER_PROMPT[language]
+  if config.candidate_phrases:
+    text += "\n" + _CANDIDATES[language].format(_CANDIDATE_SEPARATOR[language].join(config.candidate_phrases))
+  return text
+
+
+def tokenizer_training_texts(records: Sequence[dict], config: ChatConfig = ChatConfig()) -> list[str]:
+  """What a demo BPE is trained on: every record's answer (in the resized frame) and the prompts of
+  both languages (so that either prompt set tokenizes compactly)."""
+  texts = []
+  for language in PROMPT_LANGUAGES:
+    language_config = dataclasses.replace(config, prompt_language=language)
+    texts += [system_prompt(language_config), user_prompt(language_config)]
+  for record in records:
+    width, height = _record_size(record)
+    rh, rw = config.images.resized_size(height, width)
+    texts.append(answer_lib.format_answer(
+        [{"bbox_2d": scale_box(o["bbox_2d"], (width, height), (rw, rh)), "desc": o["desc"]}
+         for o in record["objects"]]))
+  return texts
+
+
 class ImageLoader:
   """Reads a record's image from `data_root` (the record's single path is relative to it)."""
 
@@ -111,13 +140,8 @@ class ChatProcessor:
     self.tokenizer = tokenizer
     self.config = config
     self.special = tokenizer.special
-    language = config.prompt_language
-    self.system_prompt = _SYSTEM_PROMPT[language].format(
-        hierarchy=hierarchy_text(config.label_hierarchy, language))
-    user = _USER_PROMPT[language]
-    if config.candidate_phrases:
-      user += "\n" + _CANDIDATES[language].format(_CANDIDATE_SEPARATOR[language].join(config.candidate_phrases))
-    self.user_prompt = user
+    self.system_prompt = system_prompt(config)
+    self.user_prompt = user_prompt(config)
 
   # --- frames ------------------------------------------------------------------------------------
 

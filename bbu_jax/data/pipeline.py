@@ -1,0 +1,178 @@
+"""The training input pipeline (Grain): records -> per-epoch global shuffle -> per-host shard -> teacher
+sampling -> ChatProcessor + image processing (in worker processes) -> packed or padded rows -> batches,
+through an iterator whose state (get_state/set_state) is saved with the training state.
+
+BATCH FORMAT (numpy; B = batch_size rows, S = model_max_length, P = patch_budget, K = max_samples_per_row,
+O = max_objects, L = max_caption_tokens):
+  input_ids          (B, S)        int32    tokens; 0 in padding
+  segment_ids        (B, S)        int32    0 = padding, 1..k = the k samples packed in the row
+  positions          (3, B, S)     int32    M-RoPE (t, h, w) positions, restarting at 0 in each segment
+  target_ids         (B, S)        int32    the next token within the same segment, 0 where none
+  teacher_loss_mask  (B, S)        float32  1 where target_ids is a teacher answer token (incl. its <|im_end|>)
+  student_loss_mask  (B, S)        float32  1 where target_ids is a student answer token (incl. its <|im_end|>)
+  text_sample_slot   (B, S)        int32    slot + 1 of the sample a token belongs to, 0 = padding
+  student_text_mask  (B, S)        bool     the student's user turn: vision block (image pads) and prompt
+  pixel_values       (B, P, C*T*p*p) float32 the row's images' patches, in text order, zero padded
+  rope_pos           (B, P, 2)     int32    } vision_metadata of bbu_jax.models.vision for each row
+  window_segment_ids (B, P)        int32    }
+  image_segment_ids  (B, P)        int32    }
+  merged_valid       (B, P // 4)   bool     }
+  vision_sample_slot (B, P // 4)   int32    slot + 1 of the sample a merged vision token belongs to, 0 = padding
+  vision_is_student  (B, P // 4)   bool     merged vision tokens of a student's image
+  det_boxes          (B, K, O, 4)  float32  student boxes, xyxy normalized by the student's resized image size
+  det_box_valid      (B, K, O)     bool
+  det_caption_ids    (B, K, O, L)  int32    desc tokens + eos, 0 padded
+  sample_ids         (B, K)        int64    indices into the record source of each slot's sample, -1 = empty
+Rows are "packed" (first-fit decreasing over windows of `packing_window` samples) or "padded" (one
+sample per row; same shapes). Samples that cannot fit a row are logged to `rejects_path` with the
+reason and skipped. Resuming requires the same records, config, process count and batch size; the
+worker count may differ (packing happens after the workers, in the main process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Sequence
+
+import grain
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from bbu_jax.data import packing
+from bbu_jax.data.chat import ChatProcessor, ImageLoader
+from bbu_jax.data.teachers import sample_teachers
+from bbu_jax.models.config import VisionConfig
+
+# Length of the index space when num_epochs is None (train until stopped).
+_FOREVER_EPOCHS = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  batch_size: int  # rows per batch on this host
+  packing: packing.PackingConfig
+  seed: int = 0
+  num_epochs: int | None = 1  # None: repeat until stopped
+  shuffle: bool = True
+  is_training: bool = True  # False: no teachers (validation)
+  teacher_ratio: float = 0.0
+  num_teacher_samples: int = 1
+  num_workers: int = 0  # processes running ChatProcessor + image processing; 0 = in this process
+  drop_remainder: bool = True
+  process_index: int = 0
+  process_count: int = 1
+  rejects_path: str | None = None
+
+  def __post_init__(self):
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {self.process_index} not in [0, process_count {self.process_count})")
+    if self.num_epochs is not None and self.num_epochs < 1:
+      raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
+
+
+def default_patch_budget(model_max_length: int, vision_config: VisionConfig) -> int:
+  """A patch budget that never binds before the token budget does (each merged vision token is one
+  text token), rounded up to a multiple of the attention window's patch count."""
+  window = max(vision_config.window_size // vision_config.patch_size, vision_config.spatial_merge_size) ** 2
+  budget = model_max_length * vision_config.merge_unit
+  return -(-budget // window) * window
+
+
+class EpochShuffledIndices(grain.MapDataset):
+  """(epoch, index) pairs: every record once per epoch, in a fresh permutation of (seed, epoch)."""
+
+  def __init__(self, num_records: int, num_epochs: int | None, seed: int, shuffle: bool):
+    super().__init__()
+    if num_records < 1:
+      raise ValueError("the record source is empty")
+    self._n = num_records
+    self._epochs = _FOREVER_EPOCHS if num_epochs is None else num_epochs
+    self._seed = seed
+    self._shuffle = shuffle
+    self._cached_epoch = -1
+    self._permutation = np.arange(num_records)
+
+  def __len__(self) -> int:
+    return self._n * self._epochs
+
+  def _epoch_permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._cached_epoch:
+      self._permutation = (np.random.default_rng([self._seed, epoch]).permutation(self._n)
+                           if self._shuffle else np.arange(self._n))
+      self._cached_epoch = epoch
+    return self._permutation
+
+  def __getitem__(self, position):
+    if isinstance(position, slice):
+      return self.slice(position)
+    epoch, offset = divmod(int(position), self._n)
+    return epoch, int(self._epoch_permutation(epoch)[offset])
+
+  def __str__(self) -> str:
+    return f"EpochShuffledIndices(n={self._n}, epochs={self._epochs}, seed={self._seed})"
+
+
+class SampleBuilder:
+  """(epoch, index) -> a ChatProcessor training sample with `index` and `epoch`, or a packing.Rejected."""
+
+  def __init__(self, records: Sequence[dict], teacher_pool: Sequence[dict], processor: ChatProcessor,
+               image_loader: Callable[[dict], Image.Image], config: PipelineConfig):
+    self.records = records
+    self.teacher_pool = teacher_pool
+    self.teacher_ids = [t["id"] for t in teacher_pool]
+    self.processor = processor
+    self.image_loader = image_loader
+    self.config = config
+
+  def __call__(self, epoch_index: tuple[int, int]) -> dict | packing.Rejected:
+    epoch, index = epoch_index
+    record = self.records[index]
+    cfg = self.config
+    teacher_indices = sample_teachers(self.teacher_ids, record["id"], seed=cfg.seed, epoch=epoch, index=index,
+                                      teacher_ratio=cfg.teacher_ratio, num_teacher_samples=cfg.num_teacher_samples,
+                                      is_training=cfg.is_training)
+    teachers = [self.teacher_pool[i] for i in teacher_indices]
+    sample = self.processor.build_training_sample(record, teachers, self.image_loader)
+    reason = packing.rejection_reason(sample, cfg.packing)
+    if reason is not None:
+      return packing.Rejected(index=index, epoch=epoch, id=str(record["id"]), reason=reason)
+    sample["index"] = index
+    sample["epoch"] = epoch
+    sample["teacher_ids"] = [t["id"] for t in teachers]
+    return sample
+
+
+def build_dataset(records: Sequence[dict], processor: ChatProcessor, config: PipelineConfig,
+                  vision_config: VisionConfig, *, teacher_pool: Sequence[dict] = (),
+                  image_loader: Callable[[dict], Image.Image] | None = None,
+                  data_root: str | os.PathLike | None = None) -> grain.IterDataset:
+  """The batch dataset; `iter(...)` gives the checkpointable iterator.
+
+  records: a random-access sequence of normalized records (a list from load_records, or
+  tfds_builder.RecordDataSource over ArrayRecord shards).
+  """
+  if config.packing.patch_dim != vision_config.patch_dim:
+    raise ValueError(f"packing.patch_dim {config.packing.patch_dim} != vision patch_dim {vision_config.patch_dim}")
+  if config.packing.max_caption_tokens != processor.config.max_caption_tokens:
+    raise ValueError(f"packing.max_caption_tokens {config.packing.max_caption_tokens} != the ChatProcessor's "
+                     f"{processor.config.max_caption_tokens}")
+  loader = image_loader if image_loader is not None else ImageLoader(data_root)
+  indices = EpochShuffledIndices(len(records), config.num_epochs, config.seed, config.shuffle)
+  indices = indices[config.process_index::config.process_count]
+  samples = indices.map(SampleBuilder(records, list(teacher_pool), processor, loader, config))
+  stream = samples.to_iter_dataset()
+  if config.num_workers > 0:
+    # Grain's workers read its absl flags; a program not started through absl.app (tests, notebooks)
+    # has them unparsed, which grain treats as an error rather than using the defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+  rows = packing.PackedRowsIterDataset(stream, config.packing, vision_config, config.rejects_path)
+  return rows.batch(config.batch_size, drop_remainder=config.drop_remainder, batch_fn=packing.collate_rows)
+
+
+packing_efficiency = packing.packing_efficiency
