@@ -37,6 +37,8 @@ def get_config():
   c.min_pixels = 4 * 28 * 28
   c.max_pixels = 64 * 28 * 28
   c.model_max_length = 1024
+  c.patch_budget = 1024  # 64-token images: 4 per row, with room to pack
+  c.max_objects = 48
   c.collator_type = "packed"
   c.teacher_ratio = 0.0
   c.num_teacher_samples = 1

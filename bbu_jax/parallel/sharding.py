@@ -131,6 +131,8 @@ def tree_shardings(tree, rules, mesh: Mesh):
   def one(x):
     if isinstance(x, nnx.Variable):
       value = x.get_value()
+      if not hasattr(value, "shape"):  # e.g. optax's MaskedNode: an empty subtree, nothing to place
+        return x
       axes = x.get_metadata().get("out_sharding")
       return x.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, rules, mesh)))
     return NamedSharding(mesh, P())

@@ -97,21 +97,23 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     num_micro = jax.tree.leaves(batch)[0].shape[0]
     micro_rngs = jax.random.split(step_rng, num_micro)
 
+    # The parameters ride in the carry (unchanged) so that every module the loss builds lives at the
+    # scan body's trace level: NNX refuses graphs that mix variables of two trace levels.
     def accumulate(carry, xs):
-      grads_acc, loss_acc, terms_acc = carry
+      trainable, frozen, grads_acc, loss_acc, terms_acc = carry
       micro, micro_rng = xs
-      (loss, terms), grads = grad_fn(state.trainable, state.frozen, micro, micro_rng, normalizers)
+      (loss, terms), grads = grad_fn(trainable, frozen, micro, micro_rng, normalizers)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
       terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
-      return (grads_acc, loss_acc + loss, terms_acc), None
+      return (trainable, frozen, grads_acc, loss_acc + loss, terms_acc), None
 
     zero_grads = jax.tree.map(jnp.zeros_like, state.trainable)
     first = jax.tree.map(lambda x: x[0], batch)
-    terms_shape = jax.eval_shape(lambda: objective(state.trainable, state.frozen, first, micro_rngs[0],
-                                                   normalizers)[1])
+    terms_shape = jax.eval_shape(lambda t, f, m, r: objective(t, f, m, r, normalizers)[1],
+                                 state.trainable, state.frozen, first, micro_rngs[0])
     zero_terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape)
-    (grads, loss, terms), _ = jax.lax.scan(accumulate, (zero_grads, jnp.zeros((), jnp.float32), zero_terms),
-                                           (batch, micro_rngs))
+    init = (state.trainable, state.frozen, zero_grads, jnp.zeros((), jnp.float32), zero_terms)
+    (_, _, grads, loss, terms), _ = jax.lax.scan(accumulate, init, (batch, micro_rngs))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)

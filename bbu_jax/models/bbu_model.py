@@ -1,0 +1,159 @@
+"""The trained model: Qwen2.5-VL plus the optional detection head, its checkpoint, and its training losses.
+
+`BBUModel` is a Qwen25VL whose parameter tree adds `detection_head` at the top level (so optimizer
+groups, shardings and the Hugging Face export see the same names as in the plain model). Its
+checkpoint is the bbu_jax checkpoint of bbu_jax.models.weights plus `bbu_jax.json`, which records
+the head's configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bbu_jax.models import weights
+from bbu_jax.models.config import Qwen25VLConfig
+from bbu_jax.models.detection_head import (DetectionHead, DetectionHeadConfig, DetectionLossWeights,
+                                           detection_loss)
+from bbu_jax.models.qwen2_5_vl import Qwen25VL, scatter_image_features
+
+Array = jax.Array
+EXTRAS_FILE = "bbu_jax.json"
+VISION_META_KEYS = ("rope_pos", "window_segment_ids", "image_segment_ids", "merged_valid")
+
+
+class BBUModel(Qwen25VL):
+
+  def __init__(self, config: Qwen25VLConfig, *, detection: DetectionHeadConfig | None = None,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
+               attention_impl: str = "xla"):
+    super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
+                     attention_impl=attention_impl)
+    self.detection_config = detection
+    self.detection_head = DetectionHead(detection, rngs=rngs, dtype=dtype) if detection else None
+
+  def forward_features(self, batch: dict[str, Array]) -> tuple[Array, Array, Array | None]:
+    """(logits, final hidden states, merged vision features or None) of a pipeline batch."""
+    embeds = self.language_model.embed_tokens(batch["input_ids"])
+    features = None
+    if "pixel_values" in batch:
+      meta = {k: batch[k] for k in VISION_META_KEYS}
+      features = self.visual(batch["pixel_values"].astype(self.dtype), meta)
+      embeds = scatter_image_features(embeds, batch["input_ids"] == self.config.image_token_id, features,
+                                      meta["merged_valid"])
+    hidden = self.language_model(embeds, batch["positions"], batch["segment_ids"])
+    return self.logits(hidden), hidden, features
+
+
+# --- Detection head inputs from packed rows ------------------------------------------------------------
+
+
+def _gather_valid(values: Array, valid: Array, length: int) -> tuple[Array, Array]:
+  """Per (row, slot), the first `length` positions where `valid` holds.
+
+  values (B, T, D), valid (B, K, T) -> (B * K, length, D), (B * K, length). Gathers from the
+  unrepeated rows, so memory grows with K * length, not K * T.
+  """
+  b, k, _ = valid.shape
+  order = jnp.argsort(~valid, axis=2, stable=True)[:, :, :length]
+  gathered = jnp.take_along_axis(values[:, None], order[..., None], axis=2)
+  return (gathered.reshape(b * k, length, values.shape[-1]),
+          jnp.take_along_axis(valid, order, axis=2).reshape(b * k, length))
+
+
+def head_inputs(batch: dict[str, Array], hidden: Array, features: Array, *, memory_tokens: int):
+  """Per sample slot (B*K rows): the student's text states and image features the head may read.
+
+  A packed row holds K sample slots; the head sees one sample at a time, so each slot gathers its
+  own student tokens (at most `memory_tokens` of each kind; static shapes).
+  """
+  k = batch["det_box_valid"].shape[1]
+  slots = jnp.arange(1, k + 1)[None, :, None]
+  text_valid = batch["student_text_mask"][:, None, :] & (batch["text_sample_slot"][:, None, :] == slots)
+  vision_valid = batch["vision_is_student"][:, None, :] & (batch["vision_sample_slot"][:, None, :] == slots)
+  text, text_valid = _gather_valid(hidden, text_valid, min(memory_tokens, hidden.shape[1]))
+  vision, vision_valid = _gather_valid(features, vision_valid, min(memory_tokens, features.shape[1]))
+  return text, text_valid, vision, vision_valid
+
+
+def caption_mask(caption_ids: Array, eos_token_id: int) -> Array:
+  """1 on the desc tokens and the first eos of each caption (captions are 0-padded after eos)."""
+  is_eos = caption_ids == eos_token_id
+  before_or_at_eos = jnp.cumsum(is_eos, axis=-1) - is_eos.astype(jnp.int32) == 0
+  return before_or_at_eos.astype(jnp.float32)
+
+
+def detection_targets(batch: dict[str, Array], eos_token_id: int) -> dict[str, Array]:
+  b, k, o = batch["det_box_valid"].shape
+  ids = batch["det_caption_ids"].reshape(b * k, o, -1)
+  return {"boxes_xyxy": batch["det_boxes"].reshape(b * k, o, 4),
+          "valid": batch["det_box_valid"].reshape(b * k, o),
+          "caption_ids": ids, "caption_mask": caption_mask(ids, eos_token_id)}
+
+
+def loss_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weights: DetectionLossWeights,
+               memory_tokens: int = 1024) -> dict[str, Array]:
+  """Loss sums and counts of one micro-batch (the train step normalizes over the global batch)."""
+  del rng  # no dropout
+  logits, hidden, features = model.forward_features(batch)
+  from bbu_jax.training.step import lm_loss_sums  # the step owns the LM loss definition
+  terms = lm_loss_sums(logits, batch)
+  if model.detection_head is None or features is None:
+    return terms
+  text, text_valid, vision, vision_valid = head_inputs(batch, hidden, features, memory_tokens=memory_tokens)
+  outputs = model.detection_head(text, text_valid, vision, vision_valid)
+  targets = detection_targets(batch, model.config.eos_token_id)
+  # Empty slots (no sample) must not teach the head "nothing here": drop their objectness loss.
+  slot_used = (batch["sample_ids"].reshape(-1) >= 0)
+  outputs = dict(outputs, objectness_logits=jnp.where(slot_used[:, None], outputs["objectness_logits"], -30.0))
+  det = detection_loss(model.detection_head, outputs, targets, model.language_model.embed_tokens.embedding[...],
+                       det_weights)
+  matched = jnp.maximum(det["num_matched"], 1).astype(jnp.float32)
+  terms["bbox_l1_sum"] = det["bbox_l1_loss"] * matched
+  terms["giou_sum"] = det["giou_loss"] * matched
+  terms["objectness_sum"] = det["objectness_loss"] * matched
+  if "caption_loss" in det:
+    terms["caption_sum"] = det["caption_loss"] * matched
+  return terms
+
+
+# --- Checkpoint ------------------------------------------------------------------------------------------
+
+
+def extras_dict(model: BBUModel) -> dict[str, Any]:
+  det = model.detection_config
+  return {"detection_head": dataclasses.asdict(det) if det else None}
+
+
+def save(model: BBUModel, out_dir: str | pathlib.Path, *, source_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+  out_dir = weights.save_checkpoint(model, model.config, out_dir, source_dir=source_dir)
+  (out_dir / EXTRAS_FILE).write_text(json.dumps(extras_dict(model), indent=2) + "\n")
+  return out_dir
+
+
+def load(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=None, shardings=None,
+         remat_policy: str = "none", attention_impl: str = "xla") -> BBUModel | Qwen25VL:
+  """A bbu_jax checkpoint with its detection head when it has one; else what weights.load_model reads."""
+  path = pathlib.Path(path)
+  extras_path = path / EXTRAS_FILE
+  if not extras_path.is_file():
+    model, _ = weights.load_model(path, dtype=dtype, param_dtype=param_dtype, shardings=shardings,
+                                  remat_policy=remat_policy, attention_impl=attention_impl)
+    return model
+  extras = json.loads(extras_path.read_text())
+  det = DetectionHeadConfig(**extras["detection_head"]) if extras.get("detection_head") else None
+  config = weights.read_config(path)
+  param_dtype = dtype if param_dtype is None else param_dtype
+  abstract = nnx.eval_shape(lambda: BBUModel(config, detection=det, rngs=nnx.Rngs(0), dtype=dtype,
+                                             param_dtype=param_dtype, remat_policy=remat_policy,
+                                             attention_impl=attention_impl))
+  pure = weights.load_checkpoint_params(path, config, abstract, shardings=shardings)
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  nnx.replace_by_pure_dict(params, pure)
+  return nnx.merge(graphdef, params)

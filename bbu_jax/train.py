@@ -1,0 +1,438 @@
+"""Training: `python -m bbu_jax.train --config configs/exp.py [--config.FIELD=VALUE ...]`.
+
+One top-down run, big_vision style: setup, data, model, optimizer and shardings, restore, the loop,
+and the final evaluation. Helpers live in their modules; this file reads as the story of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bbu_jax import config as config_lib
+from bbu_jax.data import packing as packing_lib
+from bbu_jax.data import pipeline as pipeline_lib
+from bbu_jax.data import synthetic, validate
+from bbu_jax.data.chat import ChatConfig, ChatProcessor, tokenizer_training_texts
+from bbu_jax.data.images import ImageProcessorConfig
+from bbu_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from bbu_jax.models import bbu_model, weights
+from bbu_jax.models.config import Qwen25VLConfig, TextConfig, VisionConfig, named_config
+from bbu_jax.models.detection_head import DetectionHeadConfig, DetectionLossWeights
+from bbu_jax.parallel import distributed, sharding
+from bbu_jax.training import checkpoint as checkpoint_lib
+from bbu_jax.training import metrics as metrics_lib
+from bbu_jax.training import optimizer as optimizer_lib
+from bbu_jax.training import step as step_lib
+
+log = logging.getLogger("bbu_jax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# --- Pieces of setup -----------------------------------------------------------------------------------
+
+
+def prepare_data(config) -> None:
+  """Generates the synthetic dataset into data_root when the config asks for it and it is missing."""
+  if not config.synthetic.enabled:
+    return
+  if pathlib.Path(config.train_data_path).exists():
+    log.info("synthetic data already present at %s", config.data_root)
+    return
+  if jax.process_index() == 0:
+    log.info("generating the synthetic dataset into %s (%d train, %d val, %d teacher images)", config.data_root,
+             config.synthetic.num_train, config.synthetic.num_val, config.synthetic.num_teacher)
+    synthetic.generate(config.data_root, config.synthetic.num_train, config.synthetic.num_val,
+                       config.synthetic.num_teacher, seed=config.seed, scale=config.synthetic.scale, progress=True)
+  _barrier("synthetic data")
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def load_split(path: str, config, run_dir: pathlib.Path, name: str) -> list[dict]:
+  """Validated records of one file; problems refuse the run unless skip_invalid_records."""
+  if not path:
+    return []
+  records, report = validate.split_valid(path, config.data_root or None, skip_invalid=config.skip_invalid_records,
+                                         rejects_path=run_dir / f"rejected_{name}.jsonl")
+  log.info("%s: %d records, %d objects from %s%s", name, len(records), sum(len(r["objects"]) for r in records),
+           path, f" ({len(report.bad_lines)} rejected, see rejected_{name}.jsonl)" if report.bad_lines else "")
+  return records
+
+
+def build_tokenizer(config, run_dir: pathlib.Path, records: Sequence[dict], chat_config: ChatConfig) -> Tokenizer:
+  """The model's tokenizer, or (from scratch) a BPE trained once and kept in the run folder."""
+  if config.model_path:
+    return load_or_train_tokenizer(config.model_path)
+  saved = run_dir / "tokenizer"
+  if (saved / "tokenizer.json").exists():
+    return Tokenizer.from_dir(saved)
+  tokenizer = load_or_train_tokenizer(None, tokenizer_training_texts(records, chat_config),
+                                      vocab_size=config.tokenizer_vocab_size)
+  if jax.process_index() == 0:
+    tokenizer.save(saved, model_max_length=config.model_max_length)
+  log.info("trained a %d-token byte-level BPE on the training answers; saved to %s", tokenizer.vocab_size, saved)
+  return tokenizer
+
+
+def build_model_config(config, tokenizer: Tokenizer) -> Qwen25VLConfig:
+  if config.model_path:
+    return weights.read_config(config.model_path)
+  if config.model_size:
+    return named_config(config.model_size)
+  m = config.model
+  special = tokenizer.special
+  head_dim = m.text_hidden_size // m.text_heads
+  quarter = head_dim // 2
+  mrope = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)  # 16/24/24 of 64, scaled
+  return Qwen25VLConfig(
+      vision=VisionConfig(depth=m.vision_depth, hidden_size=m.vision_hidden_size, num_heads=m.vision_heads,
+                          intermediate_size=m.vision_intermediate_size, window_size=m.vision_window_size,
+                          fullatt_block_indexes=tuple(m.vision_fullatt_block_indexes),
+                          out_hidden_size=m.text_hidden_size),
+      text=TextConfig(vocab_size=tokenizer.vocab_size, hidden_size=m.text_hidden_size,
+                      intermediate_size=m.text_intermediate_size, num_hidden_layers=m.text_layers,
+                      num_attention_heads=m.text_heads, num_key_value_heads=m.text_kv_heads, mrope_section=mrope),
+      tie_word_embeddings=True, image_token_id=special.image_token_id, video_token_id=special.video_token_id,
+      vision_start_token_id=special.vision_start_token_id, vision_end_token_id=special.vision_end_token_id,
+      bos_token_id=special.bos_token_id, eos_token_id=special.eos_token_id, pad_token_id=special.pad_token_id)
+
+
+def detection_config(config, model_config: Qwen25VLConfig) -> DetectionHeadConfig | None:
+  if not config.detection_enabled:
+    return None
+  width = config.detection_width
+  return DetectionHeadConfig(hidden_size=model_config.text.hidden_size, num_queries=config.detection_num_queries,
+                             width=width, num_layers=config.detection_layers, num_heads=max(1, width // 64),
+                             mlp_dim=4 * width, adapter_dim=max(16, model_config.text.hidden_size // 8),
+                             caption_max_len=32)
+
+
+def estimate_rows_per_epoch(records: Sequence[dict], processor: ChatProcessor, tokenizer: Tokenizer,
+                            packing_config: packing_lib.PackingConfig, seed: int) -> int:
+  """Rows one epoch packs into, from token and patch counts (no image is read)."""
+  costs = []
+  for record in records:
+    tokens = len(tokenizer.encode(processor.training_text(record)))
+    width, height = record["width"], record["height"]
+    patches = processor.config.images.num_image_tokens(height, width) * 4
+    costs.append((tokens, patches))
+  order = np.random.default_rng(seed).permutation(len(costs))
+  rows = 0
+  window = packing_config.packing_window
+  for start in range(0, len(order), window):
+    chunk = [costs[i] for i in order[start:start + window]]
+    rows += len(packing_lib.first_fit(chunk, packing_config))
+  return rows
+
+
+# --- The run -----------------------------------------------------------------------------------------
+
+
+def train(config) -> dict:
+  """Runs training (and the final evaluation) for a locked config; returns the final metrics."""
+  # ===== Setup ===============================================================================
+  distributed.initialize_distributed()
+  config_lib.validate(config, num_devices=jax.device_count())
+  run_dir = pathlib.Path(config.output_dir) / config.run_name
+  is_main = jax.process_index() == 0
+  if is_main:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  _setup_logging(run_dir if is_main else None)
+  mesh = sharding.make_mesh(config.mesh)
+  log.info("run %s: %d devices (%s), mesh %s, %s sharding, %d processes", run_dir, jax.device_count(),
+           jax.devices()[0].platform, dict(mesh.shape), config.sharding_mode, jax.process_count())
+
+  # ===== Data ================================================================================
+  prepare_data(config)
+  train_records = load_split(config.train_data_path, config, run_dir, "train")
+  val_records = load_split(config.val_data_path, config, run_dir, "val")
+  teacher_pool = load_split(config.teacher_pool_file, config, run_dir, "teacher_pool") if config.teacher_ratio > 0 else []
+  chat_config = ChatConfig(prompt_language=config.prompt_language,
+                           images=ImageProcessorConfig(min_pixels=config.min_pixels, max_pixels=config.max_pixels))
+  tokenizer = build_tokenizer(config, run_dir, train_records + teacher_pool, chat_config)
+  processor = ChatProcessor(tokenizer, chat_config)
+  model_config = build_model_config(config, tokenizer)
+  det_config = detection_config(config, model_config)
+
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  global_rows = config.per_device_train_batch_size * data_parallel
+  if global_rows % jax.process_count():
+    raise config_lib.ConfigError(f"config field per_device_train_batch_size: the global batch of {global_rows} "
+                                 f"rows does not divide across {jax.process_count()} processes")
+  host_rows = global_rows // jax.process_count() * config.gradient_accumulation_steps
+  patch_budget = config.patch_budget or pipeline_lib.default_patch_budget(config.model_max_length, model_config.vision)
+  packing_config = packing_lib.PackingConfig(
+      model_max_length=config.model_max_length, patch_budget=patch_budget, patch_dim=model_config.vision.patch_dim,
+      max_samples_per_row=config.max_samples_per_row, max_objects=config.max_objects,
+      max_caption_tokens=chat_config.max_caption_tokens, collator_type=config.collator_type)
+  pipeline_config = pipeline_lib.PipelineConfig(
+      batch_size=host_rows, packing=packing_config, seed=config.seed, num_epochs=config.num_train_epochs,
+      teacher_ratio=config.teacher_ratio, num_teacher_samples=config.num_teacher_samples,
+      num_workers=config.num_data_workers, process_index=jax.process_index(), process_count=jax.process_count(),
+      rejects_path=str(run_dir / f"rejected_samples_{jax.process_index()}.jsonl"))
+  dataset = pipeline_lib.build_dataset(train_records, processor, pipeline_config, model_config.vision,
+                                       teacher_pool=teacher_pool, data_root=config.data_root or None)
+  rows_per_epoch = estimate_rows_per_epoch(train_records, processor, tokenizer, packing_config, config.seed)
+  steps_per_epoch = max(1, rows_per_epoch // (global_rows * config.gradient_accumulation_steps))
+  total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
+  log.info("data: about %d packed rows per epoch -> %d steps per epoch, %d steps in all (%d rows x %d "
+           "accumulation per step, %d tokens per row)", rows_per_epoch, steps_per_epoch, total_steps, global_rows,
+           config.gradient_accumulation_steps, config.model_max_length)
+
+  # ===== Model, optimizer, shardings ============================================================
+  compute_dtype = jnp.bfloat16 if config.bf16 else jnp.float32
+  remat = "full" if config.gradient_checkpointing else "none"
+  attention_impl = "cudnn" if (config.use_flash_attention and jax.devices()[0].platform == "gpu") else "xla"
+
+  def make_model():
+    return bbu_model.BBUModel(model_config, detection=det_config, rngs=nnx.Rngs(config.seed), dtype=compute_dtype,
+                              param_dtype=jnp.float32, remat_policy=remat, attention_impl=attention_impl)
+
+  optimizer, schedules = optimizer_lib.make_optimizer(config, total_steps)
+  is_trainable = optimizer_lib.is_trainable(config)
+  abstract_model = nnx.eval_shape(make_model)
+  graphdef, _, _ = step_lib.split_trainable(abstract_model, is_trainable)
+  abstract_state = jax.eval_shape(lambda: step_lib.init_train_state(make_model(), optimizer, is_trainable,
+                                                                    config.seed)[1])
+  param_rules = sharding.param_rules(config.sharding_mode)
+  replicated = sharding.NamedSharding(mesh, sharding.P())
+  state_shardings = step_lib.TrainState(
+      step=replicated,
+      trainable=sharding.tree_shardings(abstract_state.trainable, param_rules, mesh),
+      frozen=sharding.tree_shardings(abstract_state.frozen, param_rules, mesh),
+      opt_state=sharding.tree_shardings(abstract_state.opt_state, sharding.OPTIMIZER_RULES, mesh),
+      rng=replicated)
+  del abstract_model
+
+  def init_state():
+    model = make_model()
+    if config.model_path:
+      pretrained = weights.load_model(config.model_path, dtype=compute_dtype, param_dtype=jnp.float32)[0]
+      nnx.update(model, nnx.state(pretrained, nnx.Param))
+    return step_lib.init_train_state(model, optimizer, is_trainable, config.seed)[1]
+
+  n_trainable = sum(x.size for x in jax.tree.leaves(abstract_state.trainable))
+  n_frozen = sum(x.size for x in jax.tree.leaves(abstract_state.frozen))
+  log.info("model: %.2fM trainable and %.2fM frozen parameters; groups trained: %s", n_trainable / 1e6,
+           n_frozen / 1e6, ", ".join(f"{g} (lr {lr:g})" for g, lr in optimizer_lib.group_learning_rates(config).items()
+                                    if lr > 0))
+
+  det_weights = DetectionLossWeights(bbox_weight=config.detection_bbox_weight,
+                                     caption_weight=config.detection_caption_weight)
+  loss_weights = step_lib.LossWeights(teacher_loss_weight=config.teacher_loss_weight,
+                                      student_loss_weight=config.student_loss_weight,
+                                      detection_bbox_weight=config.detection_bbox_weight,
+                                      detection_caption_weight=config.detection_caption_weight)
+  terms = lambda model, micro, rng: bbu_model.loss_terms(model, micro, rng, det_weights=det_weights)
+  train_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, terms, loss_weights, schedules),
+                       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                       donate_argnums=(0,))
+
+  # ===== Restore or initialize ================================================================
+  checkpointer = checkpoint_lib.Checkpointer(run_dir / "checkpoints", keep_last=config.save_total_limit)
+  iterator = iter(dataset)
+  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+  if config.resume and checkpointer.latest_step() is not None:
+    start_step, state, data_state, meta = checkpointer.restore(abstract_sharded)
+    iterator.set_state(data_state)
+    log.info("resumed from checkpoint %d in %s", start_step, checkpointer.directory)
+  else:
+    state = jax.jit(init_state, out_shardings=state_shardings)()
+    start_step = 0
+    log.info("initialized %s", f"from {config.model_path}" if config.model_path else "from scratch")
+
+  # ===== Train ================================================================================
+  writer = metrics_lib.MetricsWriter(run_dir, enabled=is_main)
+  progress = metrics_lib.ProgressLine(total_steps, start_step=start_step, enabled=is_main)
+  stop = {"signal": None}
+
+  def on_sigterm(signum, frame):
+    del frame
+    stop["signal"] = signum
+    log.warning("received signal %d: saving a checkpoint and stopping", signum)
+
+  previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+  flops_per_token = _flops_per_token(model_config)
+  step = start_step
+  window_tokens, window_t0, last_metrics = 0, time.perf_counter(), {}
+  try:
+    while step < total_steps:
+      try:
+        host_batch = next(iterator)
+      except StopIteration:
+        log.info("the data is exhausted after %d steps (%d epochs)", step, config.num_train_epochs)
+        break
+      sample_ids = host_batch["sample_ids"]
+      host_batch["sample_ids"] = sample_ids.astype(np.int32)
+      tokens = int(np.sum(host_batch["segment_ids"] > 0))
+      batch = _to_device(host_batch, config.gradient_accumulation_steps, mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      window_tokens += tokens
+      if step % config.log_steps == 0 or step == total_steps or step == start_step + 1:
+        metrics = jax.device_get(metrics)
+        if not math.isfinite(float(metrics["loss"])):
+          raise NonFiniteLossError(f"loss is {float(metrics['loss'])} at step {step}; batch sample ids "
+                                   f"{sample_ids[sample_ids >= 0].tolist()}; the last good checkpoint is "
+                                   f"{checkpointer.latest_step()}")
+        elapsed = time.perf_counter() - window_t0
+        metrics["tokens_per_s"] = window_tokens * jax.process_count() / max(elapsed, 1e-9)
+        metrics["packing_efficiency"] = packing_lib.packing_efficiency(host_batch)
+        metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / _peak_flops(jax.device_count())
+        writer.write(step, metrics)
+        progress.report(step, metrics)
+        window_tokens, window_t0, last_metrics = 0, time.perf_counter(), metrics
+      if step % config.save_steps == 0 or stop["signal"] is not None:
+        checkpointer.save(step, state, data_state=iterator.get_state(), meta={"step": step})
+      if stop["signal"] is not None:
+        break
+    checkpointer.save(step, state, data_state=iterator.get_state(), meta={"step": step}, force=True)
+    checkpointer.wait()
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    checkpointer.close()
+    writer.close()
+  if stop["signal"] is not None:
+    log.info("stopped by signal at step %d; the same command resumes", step)
+    return {"step": step, "stopped": True, **{k: float(v) for k, v in last_metrics.items()}}
+
+  # ===== Export and evaluate ===================================================================
+  model_dir = run_dir / "model"
+  model = nnx.merge(graphdef, state.trainable, state.frozen)
+  if is_main:
+    bbu_model.save(model, model_dir, source_dir=config.model_path or (run_dir / "tokenizer"))
+    log.info("saved the trained model (bbu_jax checkpoint with tokenizer) to %s", model_dir)
+  result = {"step": step, **{k: float(v) for k, v in last_metrics.items()}}
+  if config.eval_after_training and config.val_data_path and is_main:
+    result["eval"] = evaluate_after_training(config, model_dir, run_dir)
+  return result
+
+
+def evaluate_after_training(config, model_dir: pathlib.Path, run_dir: pathlib.Path) -> dict:
+  """Inference on the validation split, then metrics from the text answers and from the head."""
+  from bbu_jax import evaluate as evaluate_lib
+  from bbu_jax import infer as infer_lib
+  eval_dir = run_dir / "eval"
+  eval_dir.mkdir(parents=True, exist_ok=True)
+  responses = eval_dir / "responses.json"
+  infer_lib.run_inference(model_path=str(model_dir), input_jsonl=config.val_data_path, output_file=str(responses),
+                          data_root=config.data_root, batch_size=config.eval_batch_size,
+                          max_new_tokens=config.max_new_tokens)
+  out = {}
+  sources = ["lm"] + (["head"] if config.detection_enabled else [])
+  for source in sources:
+    metrics_file = eval_dir / f"metrics_{source}.json"
+    metrics = evaluate_lib.evaluate_responses_file(str(responses), str(metrics_file), source=source)
+    print(f"evaluation ({'text answers' if source == 'lm' else 'detection head'}): "
+          + json.dumps(metrics["overall_metrics"], ensure_ascii=False), flush=True)
+    out[source] = metrics["overall_metrics"]
+  return out
+
+
+# --- Small helpers -------------------------------------------------------------------------------
+
+
+def _to_device(host_batch: dict, accumulation: int, mesh) -> dict:
+  """Host rows -> (accumulation, rows, ...) global arrays, rows sharded over the data-parallel axes.
+
+  `positions` is (3, rows, S) in the pipeline and (accumulation, 3, rows, S) on device.
+  """
+  out = {}
+  for name, value in host_batch.items():
+    value = np.asarray(value)
+    if name == "positions":
+      value = np.swapaxes(value, 0, 1)
+    value = value.reshape(accumulation, value.shape[0] // accumulation, *value.shape[1:])
+    spec = [None, ("data", "fsdp")] + [None] * (value.ndim - 2)
+    if name == "positions":
+      value = np.swapaxes(value, 1, 2)
+      spec[1], spec[2] = None, ("data", "fsdp")
+    batch_axis = 2 if name == "positions" else 1
+    global_shape = list(value.shape)
+    global_shape[batch_axis] *= jax.process_count()
+    named = sharding.NamedSharding(mesh, sharding.P(*spec))
+    out[name] = jax.make_array_from_process_local_data(named, value, tuple(global_shape))
+  return out
+
+
+def _flops_per_token(c: Qwen25VLConfig) -> float:
+  """Training FLOPs per text token of the decoder (6 x parameters + attention), for MFU."""
+  t = c.text
+  params = t.num_hidden_layers * (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+                                  + t.num_attention_heads * t.head_dim * t.hidden_size
+                                  + 3 * t.hidden_size * t.intermediate_size) + t.vocab_size * t.hidden_size
+  return 6.0 * params
+
+
+_PEAK_FLOPS = {"tpu v5 lite": 197e12, "tpu v5p": 459e12, "tpu v6 lite": 918e12, "h100": 989e12, "h200": 989e12,
+               "a100": 312e12}
+
+
+def _peak_flops(num_devices: int) -> float:
+  """bf16 peak of the whole job; CPUs get a nominal 100 GFLOP/s per device so the figure stays defined."""
+  kind = jax.devices()[0].device_kind.lower()
+  for name, peak in _PEAK_FLOPS.items():
+    if name in kind:
+      return peak * num_devices
+  return 1e11 * num_devices
+
+
+def _setup_logging(run_dir: pathlib.Path | None) -> None:
+  root = logging.getLogger()
+  if getattr(root, "_bbu_configured", False):
+    return
+  root.setLevel(logging.INFO)
+  for handler in list(root.handlers):  # absl's handler would print every line a second time
+    root.removeHandler(handler)
+  fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+  console = logging.StreamHandler(sys.stderr)
+  console.setFormatter(fmt)
+  root.addHandler(console)
+  if run_dir is not None:
+    file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    root.addHandler(file_handler)
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  root._bbu_configured = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "a config file with get_config()", lock_config=True)
+
+  def run(_):
+    config = flags.FLAGS.config
+    if config is None:
+      raise config_lib.ConfigError("--config is required, e.g. --config configs/exp.py")
+    train(config)
+
+  app.run(run, argv=list(sys.argv if argv is None else [sys.argv[0], *argv]))
+  return 0
+
+
+if __name__ == "__main__":
+  main()
