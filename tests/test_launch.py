@@ -272,7 +272,7 @@ def test_train_runs_the_one_machine_command_on_every_worker():
 def test_logs_follow_the_chosen_worker():
   printed, _ = dry_run("logs.sh", "--worker=all")
   assert flag(printed[0], "worker") == "all"
-  assert "tail -n +1 -F $HOME/bbu_run/train.log" in remote_command(printed[0])
+  assert "tail -n +1 -F --pid=$(cat $HOME/bbu_run/train.pid) $HOME/bbu_run/train.log" in remote_command(printed[0])
   printed, _ = dry_run("logs.sh")
   assert flag(printed[0], "worker") == "0"
 
@@ -358,6 +358,9 @@ def test_remote_start_refuses_a_second_trainer_and_status_says_running(tmp_path)
     time.sleep(0.2)
   # killed with the VM: no exit code written by the trainer's shell, or the signal's code
   assert run_remote(status_command, home).stdout.strip() in ("lost", "143")
+  logs = run_remote(remote_command(dry_run("logs.sh")[0][0]), home)
+  assert logs.returncode != 0
+  assert "step 1 loss 2.5" in logs.stdout
 
 
 # ---- everything in one go ------------------------------------------------------------------------

@@ -412,10 +412,10 @@ query_training_status() {
   fi
 }
 
-# Streams a worker's log until the trainer writes its exit code, and exits with that code.
+# Streams a worker's log until the trainer ends (GNU tail --pid), and exits with its exit code.
 tpu_stream_logs() {
   local run_dir="\$HOME/$RUN_DIR"
-  tpu_ssh "$WORKER" "until [ -f $run_dir/train.log ]; do sleep 5; done; tail -n +1 -F $run_dir/train.log & tailer=\$!; until [ -f $run_dir/exit_code ]; do sleep 10; done; sleep 2; kill \$tailer; exit \$(cat $run_dir/exit_code)"
+  tpu_ssh "$WORKER" "until [ -f $run_dir/train.pid ]; do sleep 2; done; tail -n +1 -F --pid=\$(cat $run_dir/train.pid) $run_dir/train.log; code=\$(cat $run_dir/exit_code 2>/dev/null) || { echo 'the trainer ended without an exit code: it was killed' >&2; exit 1; }; exit \$code"
 }
 
 tpu_tail_log() {  # the last lines of worker 0's log (on stderr), for the record before a failed slice is deleted
