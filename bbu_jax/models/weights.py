@@ -204,9 +204,11 @@ def scan_hf_checkpoint(directory: str | pathlib.Path, config: Qwen25VLConfig) ->
     raise ValueError(f"{directory}: no {SINGLE_FILE} and no {INDEX_FILE}: no safetensors weights to load")
 
   found: dict[str, TensorSource] = {}
+  in_missing_shards: set[str] = set()
   for file_name, indexed_names in files.items():
     path = directory / file_name
     if not path.is_file():
+      in_missing_shards.update(canonical_key(name) for name in indexed_names)
       problems.append(f"{path}: shard file missing (named in {INDEX_FILE} for tensor {indexed_names[0]!r}"
                       f"{f' and {len(indexed_names) - 1} more' if len(indexed_names) > 1 else ''})")
       continue
@@ -241,9 +243,10 @@ def scan_hf_checkpoint(directory: str | pathlib.Path, config: Qwen25VLConfig) ->
     elif source.shape != expected[key]:
       problems.append(f"{source.file}: tensor {source.name!r} has shape {source.shape}, expected "
                       f"{expected[key]} from config.json")
+  listing = index_file if index_file.is_file() else directory / SINGLE_FILE
   for key in expected:
-    if key not in found:
-      problems.append(f"{directory}: tensor {key!r} is missing from the checkpoint")
+    if key not in found and key not in in_missing_shards:
+      problems.append(f"{listing}: tensor {key!r} is missing from the checkpoint")
   if problems:
     shown = "\n  ".join(problems[:20])
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -287,6 +290,7 @@ def _place(buffer: np.ndarray, sharding) -> jax.Array:
 
 
 def _param_state(model: nnx.Module) -> nnx.State:
+  """The model's parameters; loading fills nothing else, so other state is refused."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   del graphdef
   if jax.tree.leaves(rest):
@@ -450,7 +454,8 @@ def _pure_params(model_or_params) -> dict:
   if isinstance(model_or_params, PretrainedQwen25VL):
     model_or_params = model_or_params.model
   if isinstance(model_or_params, nnx.Module):
-    return _param_state(model_or_params).to_pure_dict()
+    # Only parameters are exported; other state (RNG streams, caches) has no HF counterpart.
+    return nnx.state(model_or_params, nnx.Param).to_pure_dict()
   if isinstance(model_or_params, nnx.State):
     return model_or_params.to_pure_dict()
   if isinstance(model_or_params, Mapping):
