@@ -192,3 +192,21 @@ def test_system_prompt_names_hierarchy_and_format(tokenizer):
   zh = chat_lib.ChatProcessor(tok, chat_lib.ChatConfig(prompt_language="zh")).user_prompt
   en = chat_lib.ChatProcessor(tok, chat_lib.ChatConfig(prompt_language="en")).user_prompt
   assert zh != en
+
+
+def test_real_records_answers_keep_their_boxes(tokenizer, shared_data):
+  """The real records were smart-resized already, so the model frame is the file frame: the answer
+  carries the records' own boxes (quads and lines as their min/max boxes) and parses back unchanged."""
+  from bbu_jax.data import records as records_lib
+  tok, _ = tokenizer
+  processor = chat_lib.ChatProcessor(tok)
+  for name in ("bbu_records.jsonl", "bbu_records_v3.jsonl"):
+    real, _ = records_lib.load_records(shared_data / name, on_error="skip")
+    assert real
+    for record in real:
+      assert processor.resized_size(record["width"], record["height"]) == (record["width"], record["height"])
+      text = processor.answer_text(record)
+      expected = sorted((o["bbox_2d"], o["desc"]) for o in record["objects"])
+      parsed = processor.parse_response(text, record)
+      assert parsed.error is None
+      assert sorted((o["bbox_2d"], o["desc"]) for o in parsed.objects) == expected

@@ -161,10 +161,19 @@ def test_worker_processes_give_the_same_batches(synthetic_set):
   iterator = iter(pipeline.build_dataset(train[:12], processor, _pipeline_config(1024, num_workers=2, **kw),
                                          VISION, teacher_pool=pool, data_root=root))
   try:
-    in_workers = list(iterator)
+    in_workers = [next(iterator), next(iterator)]
+    state = json.loads(json.dumps(iterator.get_state()))
+    in_workers += list(iterator)
   finally:
     iterator.close()
   _assert_batches_equal(inline, in_workers)
+  resumed = iter(pipeline.build_dataset(train[:12], processor, _pipeline_config(1024, num_workers=2, **kw),
+                                        VISION, teacher_pool=pool, data_root=root))
+  try:
+    resumed.set_state(state)
+    _assert_batches_equal(list(resumed), inline[2:])
+  finally:
+    resumed.close()
 
 
 # --- tfds ArrayRecord source ------------------------------------------------------------------------
