@@ -121,6 +121,25 @@ def test_bfloat16_export_loads_in_transformers(hf_dir, tmp_path):
     weights.save_hf(model, config, tmp_path / "bad", dtype="int8")
 
 
+def test_export_applies_the_param_transform_hook(hf_dir, tmp_path):
+  # The hook LoRA merging uses: it sees the param pure dict and returns the one to export.
+  _, path = hf_dir
+  model, config = weights.load_model(path)
+  seen = []
+
+  def double_final_norm(pure):
+    seen.append(sorted(pure))
+    pure["language_model"]["norm"]["scale"] = 2 * pure["language_model"]["norm"]["scale"]
+    return pure
+
+  out = weights.save_hf(model, config, tmp_path, dtype="float32", transform_params=double_final_norm)
+  assert seen == [["language_model", "lm_head", "visual"]]
+  index = json.loads((out / weights.INDEX_FILE).read_text())
+  with safe_open(str(out / index["weight_map"]["model.norm.weight"]), framework="numpy") as f:
+    exported = f.get_tensor("model.norm.weight")
+  np.testing.assert_array_equal(exported, 2 * np.asarray(model.language_model.norm.scale[...]))
+
+
 def test_transformers5_key_layout_and_tied_head_load(tmp_path):
   # transformers' in-memory names (model.language_model.*, model.visual.*) written as they are.
   hf = tm.tiny_hf_model(seed=4, tie_word_embeddings=True, vision_depth=2, fullatt_block_indexes=(0,))
