@@ -3,6 +3,7 @@ packing efficiency, exact resume from a checkpointed iterator state, rejects, wo
 tfds ArrayRecord source giving the same records and batches as the JSONL."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -185,6 +186,8 @@ def test_array_record_source_gives_the_same_records_and_batches(synthetic_set, t
   source = tfds_builder.record_source(builder, "train")
   assert len(source) == len(train)
   assert [source[i] for i in range(len(source))] == train
+  # worker processes receive the source pickled
+  assert pickle.loads(pickle.dumps(source))[3] == train[3]
   pool_source = tfds_builder.record_source(builder, "teacher_pool")
   assert [pool_source[i] for i in range(len(pool_source))] == pool
   files = sorted(p.name for p in (tmp_path / "tfds").rglob("*array_record*"))

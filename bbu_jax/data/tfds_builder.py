@@ -42,7 +42,15 @@ class BbuRecords(tfds.core.GeneratorBasedBuilder):
     config = tfds.core.BuilderConfig(name=f"files_{files_digest(self._split_files)}",
                                      description=", ".join(f"{k}={v}" for k, v in self._split_files.items()))
     kwargs.setdefault("file_format", "array_record")
+    # Grain's worker processes unpickle the data source, and with it this builder.
+    self._init_kwargs = dict(split_files={k: str(v) for k, v in self._split_files.items()}, **kwargs)
     super().__init__(config=config, **kwargs)
+
+  def __getstate__(self):
+    return {"_init_kwargs": self._init_kwargs}
+
+  def __setstate__(self, state):
+    self.__init__(**state["_init_kwargs"])
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
