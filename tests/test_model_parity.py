@@ -230,6 +230,9 @@ def test_remat_policies_change_memory_not_results():
       # The same math, summed in a different order (vision grads are exactly zero on a text batch).
       assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
   assert text.checkpoint_policy("dots_saveable") is jax.checkpoint_policies.dots_saveable
+  # One config value serves both stacks: the vision tower accepts exactly the decoder's names.
+  from bbu_jax.models import vision
+  assert vision.REMAT_POLICIES == text.REMAT_POLICIES
   with pytest.raises(ValueError, match="remat_policy must be one of"):
     Qwen25VL(config, rngs=nnx.Rngs(0), remat_policy="everything")
 
