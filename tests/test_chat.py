@@ -35,12 +35,8 @@ def _loader(record):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  corpus = [json.dumps([{"bbox_2d": [i, i + 1, i + 9, i + 20], "label": LABELS[i % len(LABELS)]}],
-                       ensure_ascii=False) for i in range(400)]
-  for language in chat_lib.PROMPT_LANGUAGES:
-    processor = chat_lib.ChatProcessor(
-        tk.train_bpe_tokenizer(["x"], vocab_size=512), chat_lib.ChatConfig(prompt_language=language))
-    corpus += [processor.system_prompt, processor.user_prompt] * 5
+  records = [_record(f"c{i}", 400 + i, 900 - i, 8, seed=i) for i in range(60)]
+  corpus = chat_lib.tokenizer_training_texts(records) * 3
   tok = tk.train_bpe_tokenizer(corpus, vocab_size=1024)
   path = tmp_path_factory.mktemp("tok")
   tok.save(path)
@@ -210,3 +206,15 @@ def test_real_records_answers_keep_their_boxes(tokenizer, shared_data):
       parsed = processor.parse_response(text, record)
       assert parsed.error is None
       assert sorted((o["bbox_2d"], o["desc"]) for o in parsed.objects) == expected
+
+
+def test_tokenizer_training_texts_cover_prompts_and_answers(tokenizer):
+  tok, _ = tokenizer
+  records = [_record("a", 1440, 1920, 3, seed=11), _record("b", 150, 90, 2, seed=12)]
+  texts = chat_lib.tokenizer_training_texts(records)
+  for language in chat_lib.PROMPT_LANGUAGES:
+    processor = chat_lib.ChatProcessor(tok, chat_lib.ChatConfig(prompt_language=language))
+    assert processor.system_prompt in texts and processor.user_prompt in texts
+  # answers as the model sees them: in the resized frame
+  assert texts[-2:] == [processor.answer_text(r) for r in records]
+  assert texts[-2] != chat_lib.answer_lib.format_answer(records[0]["objects"])

@@ -79,6 +79,18 @@ class ChatConfig:
       raise ValueError(f"max_caption_tokens must be >= 2 (one token + eos), got {self.max_caption_tokens}")
 
 
+def _record_size(record: dict) -> tuple[int, int]:
+  return int(record["width"]), int(record["height"])
+
+
+def answer_objects(record: dict, image_config: images_lib.ImageProcessorConfig) -> list[dict]:
+  """The record's objects as boxes in the resized frame (rounded, clamped), with their desc."""
+  width, height = _record_size(record)
+  rh, rw = image_config.resized_size(height, width)
+  return [{"bbox_2d": scale_box(obj["bbox_2d"], (width, height), (rw, rh)), "desc": obj["desc"]}
+          for obj in record["objects"]]
+
+
 def system_prompt(config: ChatConfig) -> str:
   language = config.prompt_language
   return _SYSTEM_PROMPT[language].format(hierarchy=hierarchy_text(config.label_hierarchy, language))
@@ -99,12 +111,7 @@ def tokenizer_training_texts(records: Sequence[dict], config: ChatConfig = ChatC
   for language in PROMPT_LANGUAGES:
     language_config = dataclasses.replace(config, prompt_language=language)
     texts += [system_prompt(language_config), user_prompt(language_config)]
-  for record in records:
-    width, height = _record_size(record)
-    rh, rw = config.images.resized_size(height, width)
-    texts.append(answer_lib.format_answer(
-        [{"bbox_2d": scale_box(o["bbox_2d"], (width, height), (rw, rh)), "desc": o["desc"]}
-         for o in record["objects"]]))
+  texts += [answer_lib.format_answer(answer_objects(record, config.images)) for record in records]
   return texts
 
 
@@ -129,10 +136,6 @@ class _Rendered:
   prompt_end: int  # end of "<|im_start|>assistant\n" of the student's turn
 
 
-def _record_size(record: dict) -> tuple[int, int]:
-  return int(record["width"]), int(record["height"])
-
-
 class ChatProcessor:
   """Builds training samples and inference prompts from records; parses answers back."""
 
@@ -150,15 +153,9 @@ class ChatProcessor:
     rh, rw = self.config.images.resized_size(height, width)
     return rw, rh
 
-  def answer_objects(self, record: dict) -> list[dict]:
-    """The record's objects as boxes in the resized frame (rounded, clamped), with their desc."""
-    file_size = _record_size(record)
-    model_size = self.resized_size(*file_size)
-    return [{"bbox_2d": scale_box(obj["bbox_2d"], file_size, model_size), "desc": obj["desc"]}
-            for obj in record["objects"]]
-
   def answer_text(self, record: dict) -> str:
-    return answer_lib.format_answer(self.answer_objects(record))
+    """The assistant answer for a record: its boxes in the resized frame, sorted by (y1, x1)."""
+    return answer_lib.format_answer(answer_objects(record, self.config.images))
 
   # --- rendering -----------------------------------------------------------------------------------
 
