@@ -222,3 +222,21 @@ class _Prefix:
     if not 0 <= i < self.n:
       raise IndexError(i)
     return self.source[i]
+
+
+def test_configs_from_the_run_config():
+  from configs import exp
+  c = exp.get_config()
+  chat_config = pipeline.chat_config_from(c, labels_lib.SYNTHETIC_LABEL_HIERARCHY)
+  assert chat_config.prompt_language == c.prompt_language
+  assert chat_config.images.max_pixels == c.max_pixels and chat_config.images.min_pixels == c.min_pixels
+  config = pipeline.pipeline_config_from(c, VISION, batch_size=4)
+  assert config.packing.model_max_length == c.model_max_length
+  assert config.packing.collator_type == c.collator_type and config.teacher_ratio == c.teacher_ratio
+  # the patch budget fits the row's images at max_pixels, and never more than the tokens allow
+  images_per_row = c.max_samples_per_row
+  assert config.packing.patch_budget >= images_per_row * c.max_pixels // 196
+  assert config.packing.patch_budget <= max(4 * c.model_max_length, images_per_row * c.max_pixels // 196 + 64)
+  assert config.packing.patch_budget % 64 == 0
+  validation = pipeline.pipeline_config_from(c, VISION, batch_size=4, is_training=False)
+  assert not validation.is_training and not validation.shuffle and not validation.drop_remainder

@@ -41,7 +41,8 @@ import numpy as np
 from PIL import Image
 
 from bbu_jax.data import packing
-from bbu_jax.data.chat import ChatProcessor, ImageLoader
+from bbu_jax.data.chat import ChatConfig, ChatProcessor, ImageLoader
+from bbu_jax.data.images import ImageProcessorConfig
 from bbu_jax.data.teachers import sample_teachers
 from bbu_jax.models.config import VisionConfig
 
@@ -74,12 +75,42 @@ class PipelineConfig:
       raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
 
 
-def default_patch_budget(model_max_length: int, vision_config: VisionConfig) -> int:
+def default_patch_budget(model_max_length: int, vision_config: VisionConfig, *, max_pixels: int | None = None,
+                         images_per_row: int | None = None) -> int:
   """A patch budget that never binds before the token budget does (each merged vision token is one
-  text token), rounded up to a multiple of the attention window's patch count."""
+  text token), or, when smaller, room for `images_per_row` images of `max_pixels`; rounded up to a
+  multiple of the attention window's patch count."""
   window = max(vision_config.window_size // vision_config.patch_size, vision_config.spatial_merge_size) ** 2
   budget = model_max_length * vision_config.merge_unit
+  if max_pixels is not None and images_per_row is not None:
+    budget = min(budget, images_per_row * (max_pixels // (vision_config.patch_size ** 2)))
   return -(-budget // window) * window
+
+
+def chat_config_from(c, label_hierarchy=None) -> ChatConfig:
+  """The ChatConfig of a run config (bbu_jax.config fields); training and inference both use this."""
+  images = ImageProcessorConfig(min_pixels=c.min_pixels, max_pixels=c.max_pixels)
+  kwargs = {} if label_hierarchy is None else {"label_hierarchy": dict(label_hierarchy)}
+  return ChatConfig(prompt_language=c.prompt_language, images=images, **kwargs)
+
+
+def pipeline_config_from(c, vision_config: VisionConfig, *, batch_size: int, is_training: bool = True,
+                         num_epochs: int | None = 1, process_index: int = 0, process_count: int = 1,
+                         rejects_path: str | None = None, max_caption_tokens: int = 32) -> PipelineConfig:
+  """The PipelineConfig of a run config (bbu_jax.config fields); patch_budget 0 = default_patch_budget."""
+  samples_per_row = c.max_samples_per_row if c.collator_type == "packed" else 1
+  teachers = c.num_teacher_samples if is_training and c.teacher_ratio > 0 else 0
+  patch_budget = c.patch_budget or default_patch_budget(
+      c.model_max_length, vision_config, max_pixels=c.max_pixels, images_per_row=samples_per_row * (1 + teachers))
+  packing_config = packing.PackingConfig(
+      model_max_length=c.model_max_length, patch_budget=patch_budget, patch_dim=vision_config.patch_dim,
+      max_samples_per_row=c.max_samples_per_row, max_objects=c.max_objects, max_caption_tokens=max_caption_tokens,
+      collator_type=c.collator_type)
+  return PipelineConfig(batch_size=batch_size, packing=packing_config, seed=c.seed, num_epochs=num_epochs,
+                        shuffle=is_training, is_training=is_training, teacher_ratio=c.teacher_ratio,
+                        num_teacher_samples=c.num_teacher_samples, num_workers=c.num_data_workers,
+                        drop_remainder=is_training, process_index=process_index, process_count=process_count,
+                        rejects_path=rejects_path)
 
 
 class EpochShuffledIndices(grain.MapDataset):
