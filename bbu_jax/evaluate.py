@@ -38,6 +38,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="lm: the parsed answer (prediction); head: the detection head (head_prediction)")
   parser.add_argument("--report_dir", help="write the HTML detection browser here")
   parser.add_argument("--data_root", help="image root for the browser (and for inference)")
+  parser.add_argument("--report_max_images", type=int, default=1000,
+                      help="images drawn in the browser (those with errors first)")
   parser.add_argument("--category_rules", help='JSON {"category": ["keyword", ...]} replacing the defaults')
   parser.add_argument("--embedding_model", help="local transformers model dir for embedding label similarity")
   parser.add_argument("--workers", type=int, default=None, help="forked processes for COCOeval matching (default 1; helps only on idle cores)")
@@ -119,7 +121,9 @@ def evaluate_responses(args: argparse.Namespace) -> dict[str, Any]:
   output.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
   if args.report_dir:
     from bbu_jax.eval import report
-    report.write_report(args.report_dir, responses, evaluation, result, data_root=args.data_root)
+    page = report.write_report(args.report_dir, responses, evaluation, result, data_root=args.data_root,
+                               max_images=args.report_max_images)
+    print(f"detection browser written to {page}")
   overall = result["overall_metrics"]
   print(f"{len(responses.samples)} samples in {time.perf_counter() - start:.1f}s: "
         + ", ".join(f"{k}={_fmt(overall.get(k))}" for k in ("mAP", "AP@0.5", "AP@0.75", "mAR")))

@@ -10,6 +10,7 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -513,3 +514,47 @@ def test_real_records_as_perfect_predictions(tmp_path, shared_data):
 def _box(obj):
   from bbu_jax.data.answer import object_box
   return object_box(obj)
+
+
+_JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),
+                       st.sampled_from(LABELS + ["", " ", "[{", '[{"bbox_2d": [1, 2, 3, 4], "label": "x"}]']))
+_JSON = st.recursive(_JSON_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=5),
+                                                         st.dictionaries(st.sampled_from(
+                                                             ["bbox_2d", "desc", "label", "score", "quad", "line"]),
+                                                             inner, max_size=4)), max_leaves=12)
+_OBJECT = st.one_of(
+    st.fixed_dictionaries({"bbox_2d": st.lists(st.one_of(st.integers(-10, 210), st.floats(-10, 210)), min_size=3,
+                                                max_size=5),
+                           "desc": st.sampled_from(LABELS)},
+                          optional={"score": st.one_of(st.floats(0, 1), st.none(), st.text(max_size=2))}),
+    _JSON)
+_SAMPLE = st.one_of(
+    st.fixed_dictionaries({}, optional={"id": st.one_of(st.text(max_size=3), st.integers()),
+                                        "width": _JSON_LEAF, "height": _JSON_LEAF,
+                                        "ground_truth": st.one_of(st.lists(_OBJECT, max_size=4), _JSON),
+                                        "prediction": st.one_of(st.lists(_OBJECT, max_size=4), _JSON),
+                                        "head_prediction": st.lists(_OBJECT, max_size=3),
+                                        "raw_response": st.one_of(st.text(max_size=30), _JSON),
+                                        "parse_error": _JSON_LEAF}),
+    _JSON)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(samples=st.lists(_SAMPLE, max_size=5), old_format=st.booleans(), source=st.sampled_from(["lm", "head"]))
+def test_any_responses_content_evaluates_without_crashing(tmp_path_factory, samples, old_format, source):
+  tmp = tmp_path_factory.mktemp("fuzz")
+  path = tmp / "r.json"
+  if old_format:
+    samples = [dict(s, pred_result=s.get("raw_response")) if isinstance(s, dict) else s for s in samples]
+    path.write_text(json.dumps(samples), encoding="utf-8")
+  else:
+    path.write_text(json.dumps({"samples": samples}), encoding="utf-8")
+  responses = read_responses(path, source=source)
+  matcher = evaluate.build_matcher(responses, 0.7)
+  result = coco.evaluate_samples(responses.samples, matcher, Categorizer())
+  assert result.overall["num_gt"] == sum(len(s.ground_truth) for s in responses.samples)
+  assert result.overall["num_pred"] == sum(len(s.prediction) for s in responses.samples)
+  assert len(responses.samples) + responses.problems["unreadable_samples"] == len(samples)
+  for metric in ("mAP", "AP@0.5", "mAR"):
+    assert result.overall[metric] is None or 0.0 <= result.overall[metric] <= 1.0

@@ -110,27 +110,39 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
   return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
+def _annotations(sample: np.ndarray, boxes: np.ndarray, classes: np.ndarray, scores: np.ndarray | None
+                 ) -> list[dict[str, Any]]:
+  xywh = _xywh(boxes)
+  areas = (xywh[:, 2] * xywh[:, 3]).tolist()
+  image_ids = (sample + 1).tolist()
+  class_ids = classes.tolist()
+  xywh = xywh.tolist()
+  if scores is None:
+    return [{"id": i + 1, "image_id": image_ids[i], "category_id": class_ids[i], "bbox": xywh[i],
+             "area": areas[i], "iscrowd": 0} for i in range(len(class_ids))]
+  scores = scores.tolist()
+  return [{"id": i + 1, "image_id": image_ids[i], "category_id": class_ids[i], "bbox": xywh[i],
+           "area": areas[i], "iscrowd": 0, "score": scores[i]} for i in range(len(class_ids))]
+
+
 def build_coco(flat: Flat, num_samples: int) -> tuple[COCO, COCO]:
-  """Ground-truth and detection COCO objects in memory (annotation id = flat index + 1)."""
-  xywh = _xywh(flat.gt_boxes)
+  """Ground-truth and detection COCO objects in memory (annotation id = flat index + 1).
+
+  The detections get the fields COCO.loadRes gives bbox results (id, area = w*h, iscrowd 0), built
+  from arrays in one pass; loadRes would also add an unused polygon per box and loop in Python.
+  """
   images = [{"id": i + 1} for i in range(num_samples)]
   categories = [{"id": i + 1, "name": label} for i, label in enumerate(flat.class_labels)]
-  annotations = [
-      {"id": i + 1, "image_id": int(s) + 1, "category_id": int(c), "bbox": [float(v) for v in box],
-       "area": float(box[2] * box[3]), "iscrowd": 0}
-      for i, (s, c, box) in enumerate(zip(flat.gt_sample, flat.gt_class, xywh))]
   with contextlib.redirect_stdout(io.StringIO()):
     coco_gt = COCO()
-    coco_gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    coco_gt.dataset = {"images": images, "annotations": _annotations(flat.gt_sample, flat.gt_boxes, flat.gt_class,
+                                                                     None),
+                       "categories": categories}
     coco_gt.createIndex()
-    if len(flat.dt_class):
-      rows = np.column_stack([flat.dt_sample + 1, _xywh(flat.dt_boxes), flat.dt_score, flat.dt_class])
-      coco_dt = coco_gt.loadRes(rows)
-    else:
-      # loadRes cannot take zero detections; an empty result set is what it would build.
-      coco_dt = COCO()
-      coco_dt.dataset = {"images": list(images), "annotations": [], "categories": copy.deepcopy(categories)}
-      coco_dt.createIndex()
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(images), "categories": copy.deepcopy(categories),
+                       "annotations": _annotations(flat.dt_sample, flat.dt_boxes, flat.dt_class, flat.dt_score)}
+    coco_dt.createIndex()
   return coco_gt, coco_dt
 
 

@@ -146,6 +146,18 @@ def _clean_objects(objects: Any, kind: str, problems: Problems) -> list[dict[str
   return [obj for obj in cleaned if obj is not None]
 
 
+def _truth_objects(truth: Any, problems: Problems) -> list[dict[str, Any]]:
+  """Ground-truth objects from a list, or from a JSON string of one (the old pipeline's files)."""
+  if isinstance(truth, str):
+    try:
+      truth = json.loads(truth)
+    except ValueError:
+      parsed = parse_answer(truth)
+      problems["invalid_gt_objects"] += sum(parsed.skipped.values()) + (parsed.error is not None)
+      truth = [{"bbox_2d": o["bbox_2d"], "desc": o["desc"]} for o in parsed.objects]
+  return _clean_objects(truth, "gt", problems)
+
+
 def _size(value: Any) -> int | None:
   return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
       and math.isfinite(value) and value > 0 else None
@@ -179,12 +191,12 @@ def _our_sample(index: int, raw: dict[str, Any], source: str, problems: Problems
   images = raw.get("images")
   image = images[0] if isinstance(images, list) and images and isinstance(images[0], str) else \
       (raw.get("image") if isinstance(raw.get("image"), str) else None)
-  if "ground_truth" not in raw:
+  if raw.get("ground_truth") is None:
     problems["missing_ground_truth"] += 1
-  ground_truth = _clean_objects(raw.get("ground_truth"), "gt", problems)
+  ground_truth = _truth_objects(raw.get("ground_truth"), problems)
   field = "head_prediction" if source == "head" else "prediction"
   parse_error = raw.get("parse_error") if source == "lm" else None
-  if field in raw:
+  if raw.get(field) is not None:
     prediction = _clean_objects(raw[field], "pred", problems)
     if parse_error:
       parse_errors[str(parse_error)[:60]] += 1
@@ -204,20 +216,14 @@ def _our_sample(index: int, raw: dict[str, Any], source: str, problems: Problems
 
 def _old_sample(index: int, raw: dict[str, Any], problems: Problems,
                 parse_errors: collections.Counter) -> Sample:
-  truth = raw.get("ground_truth")
-  if truth is None:
+  if raw.get("ground_truth") is None:
     problems["missing_ground_truth"] += 1
-  if isinstance(truth, str):
-    try:
-      truth = json.loads(truth)
-    except ValueError:
-      parsed = parse_answer(truth)
-      problems["invalid_gt_objects"] += sum(parsed.skipped.values()) + (parsed.error is not None)
-      truth = [{"bbox_2d": o["bbox_2d"], "desc": o["desc"]} for o in parsed.objects]
-  ground_truth = _clean_objects(truth, "gt", problems)
+  ground_truth = _truth_objects(raw.get("ground_truth"), problems)
   text = raw.get("pred_result")
   if isinstance(text, str):
     prediction, parse_error = _parsed_predictions(text, problems, parse_errors)
+  elif isinstance(text, list):  # some old runs stored the parsed list
+    prediction, parse_error, text = _clean_objects(text, "pred", problems), None, None
   else:
     problems["missing_prediction"] += 1
     prediction, parse_error, text = [], None, None
