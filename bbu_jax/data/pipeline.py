@@ -25,8 +25,9 @@ O = max_objects, L = max_caption_tokens):
   sample_ids         (B, K)        int64    indices into the record source of each slot's sample, -1 = empty
 Rows are "packed" (first-fit decreasing over windows of `packing_window` samples) or "padded" (one
 sample per row; same shapes). Samples that cannot fit a row are logged to `rejects_path` with the
-reason and skipped. Resuming requires the same records, config, process count and batch size; the
-worker count may differ (packing happens after the workers, in the main process).
+reason and skipped. The worker count does not change the batches (packing happens after the workers,
+in the main process), but a saved iterator state restores only into a pipeline built the same way:
+same records, config, process count, batch size and worker count.
 """
 
 from __future__ import annotations
