@@ -251,7 +251,7 @@ def test_scanned_layers_keep_the_program_size_independent_of_depth():
   assert equations(2) == equations(6)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen2_5_vl_7b"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_32b", "qwen2_5_vl_72b"])
 def test_named_sizes_match_transformers_parameter_count_and_carry_axes(name):
   import jax
   import transformers
