@@ -82,3 +82,14 @@ def test_from_dir_round_trip_and_missing_dir(trained, tmp_path):
 def test_vocab_too_small_is_refused():
   with pytest.raises(ValueError, match="too small"):
     tk.train_bpe_tokenizer(["abc"], vocab_size=200)
+
+
+def test_config_token_ids_build_a_model_config(trained):
+  from bbu_jax.models.config import Qwen25VLConfig
+  tok, _ = trained
+  config = Qwen25VLConfig(**tok.special.config_token_ids())
+  assert config.image_token_id == tok.token_to_id("<|image_pad|>")
+  assert config.vision_start_token_id == tok.token_to_id("<|vision_start|>")
+  assert config.eos_token_id == tok.token_to_id("<|im_end|>")
+  assert config.pad_token_id == config.bos_token_id == tok.token_to_id("<|endoftext|>")
+  assert max(config.image_token_id, config.video_token_id, config.eos_token_id) < tok.vocab_size

@@ -67,6 +67,11 @@ class SpecialTokenIds:
   eos_token_id: int  # <|im_end|>: generation stops at the end of the assistant turn
   pad_token_id: int  # <|endoftext|>
 
+  def config_token_ids(self) -> dict[str, int]:
+    """The ids as Qwen25VLConfig keyword arguments: `Qwen25VLConfig(..., **ids.config_token_ids())`."""
+    return {k: v for k, v in dataclasses.asdict(self).items()
+            if k not in ("im_start_token_id", "im_end_token_id")}
+
 
 class Tokenizer:
   """A `tokenizers.Tokenizer` with Qwen2.5-VL's special tokens, encoding text without adding any."""
