@@ -240,3 +240,17 @@ def test_configs_from_the_run_config():
   assert config.packing.patch_budget % 64 == 0
   validation = pipeline.pipeline_config_from(c, VISION, batch_size=4, is_training=False)
   assert not validation.is_training and not validation.shuffle and not validation.drop_remainder
+
+
+def test_hosts_see_disjoint_samples_that_cover_the_set(synthetic_set):
+  root, train, pool, processor = synthetic_set
+  seen = []
+  for host in range(2):
+    config = _pipeline_config(2048, batch_size=2, num_epochs=1, drop_remainder=False, process_index=host,
+                              process_count=2)
+    batches = list(pipeline.build_dataset(train[:16], processor, config, VISION, data_root=root))
+    ids = np.concatenate([b["sample_ids"].ravel() for b in batches])
+    seen.append(set(ids[ids >= 0].tolist()))
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(range(16))
+  assert len(seen[0]) == len(seen[1]) == 8
