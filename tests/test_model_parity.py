@@ -268,3 +268,16 @@ def test_named_sizes_match_transformers_parameter_count_and_carry_axes(name):
     assert variable.get_value().dtype == jnp.bfloat16
     if "layers" in path or "blocks" in path:
       assert axes[0] == "layers", path
+
+
+def test_float32_callable_forces_float32_matmuls(untied_window):
+  # GPUs (TF32) and TPUs (bf16 passes) default to lower matmul precision; the callable must not.
+  import jax
+  _, _, ours = untied_window
+  rng = np.random.default_rng(10)
+  inputs = prepare_inputs(ours.config, tm.token_row(rng, [], [6])[None])
+  args = [inputs[k] for k in ("input_ids", "positions", "segment_ids", "pixel_values", "vision_meta")]
+  with jax.default_matmul_precision("bfloat16"):
+    jaxpr = str(jax.make_jaxpr(ours._pure_forward)(nnx.state(ours.model), *args))
+  dots = jaxpr.count("dot_general[")
+  assert dots > 0 and jaxpr.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") == dots

@@ -217,7 +217,11 @@ class PretrainedQwen25VL:
 
   def _pure_forward(self, state, input_ids, positions, segment_ids, pixel_values, vision_meta):
     model = nnx.merge(self._graphdef, state)
-    return model(input_ids, positions, segment_ids, pixel_values, vision_meta).astype(jnp.float32)
+    # A float32 model means float32 matmuls, also on GPU (TF32) and TPU (bf16 passes) whose default
+    # precision is lower: this callable promises transformers' logits.
+    precision = "highest" if jnp.dtype(model.dtype) == jnp.float32 else None
+    with jax.default_matmul_precision(precision):
+      return model(input_ids, positions, segment_ids, pixel_values, vision_meta).astype(jnp.float32)
 
   def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
                mm_token_type_ids=None) -> Array:
