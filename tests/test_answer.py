@@ -159,3 +159,9 @@ def test_round_trip_and_any_cut_salvages_a_prefix(rows, cut):
   prefix = parse_answer(text[:cut % (len(text) + 1)])
   assert [o["bbox_2d"] for o in prefix.objects] == [o["bbox_2d"] for o in parsed.objects[:len(prefix.objects)]]
   assert [o["desc"] for o in prefix.objects] == [o["desc"] for o in parsed.objects[:len(prefix.objects)]]
+
+
+def test_quotes_in_surrounding_prose_do_not_hide_the_json():
+  parsed = parse_answer('The 5" unit and it\'s label: [{"bbox_2d": [1, 2, 3, 4], "label": "a"}] that\'s all')
+  assert parsed.error is None and [o["desc"] for o in parsed.objects] == ["a"]
+  assert "surrounding text" in parsed.repairs

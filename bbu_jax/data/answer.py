@@ -60,6 +60,12 @@ class ParsedAnswer:
 def _number_list(values: Any) -> list[float] | None:
   if not isinstance(values, (list, tuple)):
     return None
+  # Fast path for the usual case (plain ints/floats); the sum is finite iff every value is (or it is huge).
+  if all(type(value) is int or type(value) is float for value in values):
+    try:
+      return list(values) if math.isfinite(sum(values)) else None
+    except OverflowError:
+      return None
   numbers = []
   for value in values:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -141,10 +147,9 @@ def _scan(text: str) -> _Scan:
       if char == quote:
         quote = None
     elif char in "\"'":
-      # An apostrophe between letters (prose such as "it's") is not a string.
-      if char == "'" and not stack:
-        pass
-      else:
+      # Quotes only open strings inside a container: in prose around the JSON ("it's", 5" screen) they
+      # are just characters.
+      if stack:
         quote = char
     elif char in "[{":
       if first_open is None:
