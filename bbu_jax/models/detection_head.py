@@ -1,0 +1,372 @@
+"""DETR-style detection head on Qwen2.5-VL: learned queries read the decoder's last hidden states and
+the vision features and predict, per query, a box, an objectness logit and a free-text caption (the
+object's `desc`); plus its set-prediction loss (Hungarian matching inside jit).
+
+Boxes: the head predicts `pred_boxes_cxcywh` (sigmoid, normalized to the student image); targets give
+`boxes_xyxy` normalized the same way (bbox_2d / [W, H, W, H] in the model's resized frame).
+The caption decoder owns no vocabulary: it reads and predicts tokens through the language model's
+token embedding matrix, passed in at call time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bbu_jax.models.layers import Linear, RMSNorm, dot_product_attention, make_attention_mask, param
+from bbu_jax.training import hungarian, losses
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionHeadConfig:
+  """Sizes of the head. `hidden_size` is the language model's (text hidden states, merged vision
+  features and token embeddings all have it); `width` is the head's own."""
+  hidden_size: int
+  num_queries: int = 100
+  width: int = 256
+  num_layers: int = 3
+  num_heads: int = 8
+  mlp_dim: int = 1024
+  adapter_dim: int = 64
+  caption_max_len: int = 32
+  caption_layers: int = 2
+  rms_norm_eps: float = 1e-6
+  objectness_prior: float = 0.01  # initial P(object) of every query, as focal-loss detectors do
+
+  def __post_init__(self):
+    for name in ("hidden_size", "num_queries", "width", "num_layers", "num_heads", "mlp_dim",
+                 "adapter_dim", "caption_max_len", "caption_layers"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"DetectionHeadConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.width % self.num_heads:
+      raise ValueError(f"DetectionHeadConfig.width {self.width} must be a multiple of num_heads "
+                       f"{self.num_heads}")
+    if not 0 < self.objectness_prior < 1:
+      raise ValueError(f"DetectionHeadConfig.objectness_prior must be in (0, 1), got "
+                       f"{self.objectness_prior}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionLossWeights:
+  """Loss and matching-cost weights. bbox_weight is `detection_bbox_weight` (on L1 and GIoU),
+  caption_weight is `detection_caption_weight`; the match_* weights build the Hungarian cost."""
+  bbox_weight: float = 5.0
+  caption_weight: float = 1.0
+  objectness_weight: float = 2.0
+  match_objectness_weight: float = 2.0
+  match_l1_weight: float = 5.0
+  match_giou_weight: float = 2.0
+  focal_alpha: float = 0.25
+  focal_gamma: float = 2.0
+
+
+class ResidualAdapter(nnx.Module):
+  """x + up(gelu(down(norm(x)))): a bottleneck that lets detection reshape features it borrows from
+  the language model without changing them for the LM itself."""
+
+  def __init__(self, dim: int, bottleneck: int, *, eps: float, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.norm = RMSNorm(dim, eps=eps, axis_name="embed", rngs=rngs)
+    self.down = Linear(dim, bottleneck, axes=("embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
+    self.up = Linear(bottleneck, dim, axes=("det_mlp", "embed"), use_bias=True, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return x + self.up(jax.nn.gelu(self.down(self.norm(x))))
+
+
+class Attention(nnx.Module):
+  """Multi-head attention of `x` over `memory` (itself for self-attention) through the project's one
+  attention function."""
+
+  def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.num_heads = num_heads
+    self.q_proj = Linear(width, width, axes=("det_embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
+    self.k_proj = Linear(width, width, axes=("det_embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
+    self.v_proj = Linear(width, width, axes=("det_embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
+    self.o_proj = Linear(width, width, axes=("det_mlp", "det_embed"), use_bias=True, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: Array, memory: Array, mask: Array) -> Array:
+    heads = lambda y: y.reshape(*y.shape[:-1], self.num_heads, -1)
+    out = dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(memory)),
+                                heads(self.v_proj(memory)), mask)
+    return self.o_proj(out.reshape(*x.shape[:-1], -1))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.fc1 = Linear(width, mlp_dim, axes=("det_embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
+    self.fc2 = Linear(mlp_dim, width, axes=("det_mlp", "det_embed"), use_bias=True, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class QueryDecoderLayer(nnx.Module):
+  """Pre-norm: queries attend to each other (to avoid duplicates), then to the features."""
+
+  def __init__(self, cfg: DetectionHeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    norm = lambda: RMSNorm(cfg.width, eps=cfg.rms_norm_eps, axis_name="det_embed", rngs=rngs)
+    self.self_norm, self.cross_norm, self.mlp_norm = norm(), norm(), norm()
+    self.self_attn = Attention(cfg.width, cfg.num_heads, rngs=rngs, dtype=dtype)
+    self.cross_attn = Attention(cfg.width, cfg.num_heads, rngs=rngs, dtype=dtype)
+    self.mlp = MLP(cfg.width, cfg.mlp_dim, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: Array, memory: Array, memory_mask: Array) -> Array:
+    y = self.self_norm(x)
+    x = x + self.self_attn(y, y, None)
+    x = x + self.cross_attn(self.cross_norm(x), memory, memory_mask)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class CaptionDecoderLayer(nnx.Module):
+  """Pre-norm causal self-attention + MLP over the caption tokens."""
+
+  def __init__(self, cfg: DetectionHeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.self_norm = RMSNorm(cfg.width, eps=cfg.rms_norm_eps, axis_name="det_embed", rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.width, eps=cfg.rms_norm_eps, axis_name="det_embed", rngs=rngs)
+    self.self_attn = Attention(cfg.width, cfg.num_heads, rngs=rngs, dtype=dtype)
+    self.mlp = MLP(cfg.width, cfg.mlp_dim, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: Array, causal_mask: Array) -> Array:
+    y = self.self_norm(x)
+    x = x + self.self_attn(y, y, causal_mask)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class DetectionHead(nnx.Module):
+  """`head(text_hidden, text_valid, vision_features, vision_valid)` -> dict with
+  `pred_boxes_cxcywh` (B, Q, 4), `objectness_logits` (B, Q) (float32) and `query_states` (B, Q, width),
+  which `caption_logits` (training) and `generate_captions` (inference) turn into captions.
+
+  text_hidden (B, S, D): the decoder's last hidden states; text_valid (B, S) bool: the tokens the head
+  may read (e.g. the student's prompt and image tokens); vision_features (B, P, D) merged vision
+  features; vision_valid (B, P) bool. Invalid positions are never read, whatever they hold.
+  One row is one sample: packed rows are split into samples by the caller.
+  """
+
+  def __init__(self, cfg: DetectionHeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.cfg = cfg
+    self.dtype = dtype
+    d, w = cfg.hidden_size, cfg.width
+    eps = cfg.rms_norm_eps
+    dense = lambda n_in, n_out, axes, bias=True: Linear(n_in, n_out, axes=axes, use_bias=bias,
+                                                        rngs=rngs, dtype=dtype)
+    norm = lambda: RMSNorm(w, eps=eps, axis_name="det_embed", rngs=rngs)
+    self.text_adapter = ResidualAdapter(d, cfg.adapter_dim, eps=eps, rngs=rngs, dtype=dtype)
+    self.vision_adapter = ResidualAdapter(d, cfg.adapter_dim, eps=eps, rngs=rngs, dtype=dtype)
+    self.text_proj = dense(d, w, ("embed", "det_embed"))
+    self.vision_proj = dense(d, w, ("embed", "det_embed"))
+    self.memory_norm = norm()
+    self.query_embed = param(rngs, (cfg.num_queries, w), ("queries", "det_embed"), std=1.0)
+    self.layers = nnx.List([QueryDecoderLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
+    self.query_norm = norm()
+    self.box_hidden = dense(w, w, ("det_embed", "det_mlp"))
+    self.box_out = dense(w, 4, ("det_mlp", None))
+    self.objectness = dense(w, 1, ("det_embed", None))
+    prior_logit = jnp.log(cfg.objectness_prior / (1 - cfg.objectness_prior))
+    self.objectness.bias[...] = jnp.full((1,), prior_logit, jnp.float32)
+    # Caption decoder.
+    self.caption_token_proj = dense(d, w, ("embed", "det_embed"), bias=False)
+    self.caption_condition = dense(w, w, ("det_embed", "det_embed"))
+    self.caption_start = param(rngs, (w,), ("det_embed",))
+    self.caption_positions = param(rngs, (cfg.caption_max_len, w), (None, "det_embed"))
+    self.caption_layers = nnx.List([CaptionDecoderLayer(cfg, rngs=rngs, dtype=dtype)
+                                    for _ in range(cfg.caption_layers)])
+    self.caption_norm = norm()
+    self.caption_out = dense(w, d, ("det_embed", "embed"), bias=False)
+
+  def __call__(self, text_hidden: Array, text_valid: Array, vision_features: Array,
+               vision_valid: Array) -> dict[str, Array]:
+    b = text_hidden.shape[0]
+    d = self.cfg.hidden_size
+    for name, features, valid in (("text_hidden", text_hidden, text_valid),
+                                  ("vision_features", vision_features, vision_valid)):
+      if features.ndim != 3 or features.shape[0] != b or features.shape[2] != d:
+        raise ValueError(f"DetectionHead: {name} must be (batch={b}, length, hidden_size={d}), got "
+                         f"{features.shape}")
+      if valid.shape != features.shape[:2]:
+        raise ValueError(f"DetectionHead: the valid mask of {name} must be {features.shape[:2]}, got "
+                         f"{valid.shape}")
+    # Zero what may not be read, so that even NaN padding cannot reach the outputs through 0 * NaN.
+    text = jnp.where(text_valid[..., None], text_hidden, 0).astype(self.dtype)
+    vision = jnp.where(vision_valid[..., None], vision_features, 0).astype(self.dtype)
+    memory = jnp.concatenate([self.text_proj(self.text_adapter(text)),
+                              self.vision_proj(self.vision_adapter(vision))], axis=1)
+    memory = self.memory_norm(memory)
+    memory_valid = jnp.concatenate([text_valid, vision_valid], axis=1).astype(jnp.int32)
+    memory_mask = make_attention_mask(jnp.ones((b, self.cfg.num_queries), jnp.int32), memory_valid,
+                                      causal=False)
+    x = jnp.broadcast_to(self.query_embed[...].astype(self.dtype), (b, *self.query_embed[...].shape))
+    for layer in self.layers:
+      x = layer(x, memory, memory_mask)
+    x = self.query_norm(x)
+    box_logits = self.box_out(jax.nn.gelu(self.box_hidden(x))).astype(jnp.float32)
+    return {
+        "pred_boxes_cxcywh": jax.nn.sigmoid(box_logits),
+        "objectness_logits": self.objectness(x)[..., 0].astype(jnp.float32),
+        "query_states": x,
+    }
+
+  def caption_logits(self, query_states: Array, caption_ids: Array, token_embeddings: Array) -> Array:
+    """Teacher-forced next-token logits (..., L, vocab) in float32.
+
+    query_states (..., width); caption_ids (..., L) int, L <= caption_max_len: the caption tokens (desc
+    then eos). Position t sees the query and caption_ids[:t] and predicts caption_ids[t]. The logits
+    are tied to token_embeddings (vocab, hidden_size); gradients reach it unless the caller stops them.
+    """
+    length = caption_ids.shape[-1]
+    if length > self.cfg.caption_max_len:
+      raise ValueError(f"DetectionHead: captions of {length} tokens exceed caption_max_len "
+                       f"{self.cfg.caption_max_len}")
+    if caption_ids.shape[:-1] != query_states.shape[:-1]:
+      raise ValueError(f"DetectionHead: caption_ids {caption_ids.shape} must be query_states' leading "
+                       f"shape {query_states.shape[:-1]} + (length,)")
+    if token_embeddings.ndim != 2 or token_embeddings.shape[1] != self.cfg.hidden_size:
+      raise ValueError(f"DetectionHead: token_embeddings must be (vocab, {self.cfg.hidden_size}), got "
+                       f"{token_embeddings.shape}")
+    lead = caption_ids.shape[:-1]
+    ids = caption_ids.reshape(-1, length)
+    states = query_states.reshape(-1, query_states.shape[-1]).astype(self.dtype)
+    # Out-of-range ids cannot be reported inside jit; clipping keeps them from filling NaN rows.
+    previous = jnp.take(token_embeddings, ids[:, :-1], axis=0, mode="clip").astype(self.dtype)
+    start = jnp.broadcast_to(self.caption_start[...].astype(self.dtype), (ids.shape[0], 1, self.cfg.width))
+    x = jnp.concatenate([start, self.caption_token_proj(previous)], axis=1)
+    # The query conditions every position, not only the first, so long captions keep their object.
+    x = x + self.caption_condition(states)[:, None, :] + self.caption_positions[...][:length].astype(self.dtype)
+    segments = jnp.ones(ids.shape, jnp.int32)
+    causal_mask = make_attention_mask(segments, segments, causal=True)
+    for layer in self.caption_layers:
+      x = layer(x, causal_mask)
+    hidden = self.caption_out(self.caption_norm(x)).astype(jnp.float32)
+    logits = jnp.einsum("nld,vd->nlv", hidden, token_embeddings.astype(jnp.float32))
+    return logits.reshape(*lead, length, -1)
+
+  def generate_captions(self, query_states: Array, token_embeddings: Array, *, eos_token_id: int,
+                        max_len: int | None = None) -> tuple[Array, Array]:
+    """Greedy captions: (ids (..., max_len) int32, lengths (...) int32).
+
+    ids[..., :lengths] is the caption without eos; later slots hold eos. Stops early once every
+    caption has written eos. Each step re-runs the (small) decoder on the whole buffer: positions
+    after t cannot affect t (causal), so this equals teacher forcing on the decoder's own output.
+    """
+    max_len = self.cfg.caption_max_len if max_len is None else max_len
+    if not 1 <= max_len <= self.cfg.caption_max_len:
+      raise ValueError(f"DetectionHead: max_len must be in [1, {self.cfg.caption_max_len}], got {max_len}")
+    lead = query_states.shape[:-1]
+    states = query_states.reshape(-1, query_states.shape[-1])
+    n = states.shape[0]
+
+    def step(carry):
+      t, ids, finished, lengths = carry
+      logits = self.caption_logits(states, ids, token_embeddings)
+      next_id = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), axis=-1)
+      next_id = jnp.where(finished, eos_token_id, next_id).astype(jnp.int32)
+      ids = jax.lax.dynamic_update_index_in_dim(ids, next_id, t, axis=1)
+      lengths = lengths + (~finished & (next_id != eos_token_id)).astype(jnp.int32)
+      return t + 1, ids, finished | (next_id == eos_token_id), lengths
+
+    def keep_going(carry):
+      t, _, finished, _ = carry
+      return (t < max_len) & ~jnp.all(finished)
+
+    start = (jnp.array(0, jnp.int32), jnp.full((n, max_len), eos_token_id, jnp.int32),
+             jnp.zeros((n,), bool), jnp.zeros((n,), jnp.int32))
+    _, ids, _, lengths = jax.lax.while_loop(keep_going, step, start)
+    return ids.reshape(*lead, max_len), lengths.reshape(lead)
+
+
+def _check_targets(outputs: dict[str, Array], targets: dict[str, Array]) -> None:
+  b, q = outputs["objectness_logits"].shape
+  boxes = targets["boxes_xyxy"]
+  if boxes.ndim != 3 or boxes.shape[0] != b or boxes.shape[2] != 4:
+    raise ValueError(f"detection targets: boxes_xyxy must be (batch={b}, max_objects, 4), got {boxes.shape}")
+  t = boxes.shape[1]
+  if targets["valid"].shape != (b, t):
+    raise ValueError(f"detection targets: valid must be {(b, t)}, got {targets['valid'].shape}")
+  if "caption_ids" in targets:
+    ids, mask = targets["caption_ids"], targets["caption_mask"]
+    if ids.ndim != 3 or ids.shape[:2] != (b, t) or mask.shape != ids.shape:
+      raise ValueError(f"detection targets: caption_ids {ids.shape} and caption_mask {mask.shape} must "
+                       f"both be ({b}, {t}, caption_length)")
+
+
+def _real_target_boxes(targets: dict[str, Array]) -> Array:
+  # Padded targets may hold anything (NaN included); zeros keep them out of values AND gradients.
+  return jnp.where(targets["valid"][..., None], targets["boxes_xyxy"], 0).astype(jnp.float32)
+
+
+def match_queries(outputs: dict[str, Array], targets: dict[str, Array],
+                  weights: DetectionLossWeights) -> Array:
+  """Exact Hungarian matching per sample: (B, Q) int32 index of each query's target, -1 = none.
+
+  Padded targets (valid False) are never matched. No gradient flows through the matching.
+  """
+  _check_targets(outputs, targets)
+  cost_fn = lambda boxes, logits, target_boxes: losses.matching_cost(
+      boxes, logits, target_boxes, objectness_weight=weights.match_objectness_weight,
+      l1_weight=weights.match_l1_weight, giou_weight=weights.match_giou_weight,
+      focal_alpha=weights.focal_alpha, focal_gamma=weights.focal_gamma)
+  cost = jax.vmap(cost_fn)(outputs["pred_boxes_cxcywh"], outputs["objectness_logits"],
+                           _real_target_boxes(targets))
+  cost = jax.lax.stop_gradient(cost)
+  return jax.vmap(lambda c, valid: hungarian.linear_sum_assignment(c, valid_cols=valid))(
+      cost, targets["valid"])
+
+
+def detection_loss(head: DetectionHead, outputs: dict[str, Array], targets: dict[str, Array],
+                   token_embeddings: Array, weights: DetectionLossWeights) -> dict[str, Array]:
+  """Set-prediction losses of one batch.
+
+  targets: `boxes_xyxy` (B, T, 4) normalized to the student image, `valid` (B, T) bool (objects are
+  padded to T per sample), `caption_ids` (B, T, L) int32 (desc tokens, then eos, then anything) and
+  `caption_mask` (B, T, L) (1 on desc and eos tokens). Returns scalars: `bbox_l1_loss` and
+  `giou_loss` (per matched box), `objectness_loss` (focal, summed over all queries per matched box,
+  matched = 1), `caption_loss` (per caption token of matched objects), `detection_loss` (the weighted
+  total), `num_matched`. Box losses are normalized by the batch's matched count, as DETR does.
+  The `*_sum` entries and `caption_token_count` are the un-normalized numerators and the caption
+  denominator, so gradient accumulation or cross-host averaging can normalize over the large batch.
+  """
+  col_for_row = match_queries(outputs, targets, weights)
+  matched = col_for_row >= 0
+  num_matched = matched.sum()
+  normalizer = jnp.maximum(num_matched, 1).astype(jnp.float32)
+  target_index = jnp.maximum(col_for_row, 0)
+  matched_target_xyxy = jnp.take_along_axis(_real_target_boxes(targets), target_index[..., None], axis=1)
+  pred = outputs["pred_boxes_cxcywh"]
+  l1 = losses.l1_box_distance(pred, losses.box_xyxy_to_cxcywh(matched_target_xyxy))
+  giou = losses.generalized_box_iou(losses.box_cxcywh_to_xyxy(pred), matched_target_xyxy)
+  sums = {
+      "bbox_l1_sum": jnp.where(matched, l1, 0.0).sum(),
+      "giou_sum": jnp.where(matched, 1.0 - giou, 0.0).sum(),
+      "objectness_sum": losses.sigmoid_focal_loss(outputs["objectness_logits"], matched,
+                                                  alpha=weights.focal_alpha,
+                                                  gamma=weights.focal_gamma).sum(),
+  }
+  bbox_l1_loss = sums["bbox_l1_sum"] / normalizer
+  giou_loss = sums["giou_sum"] / normalizer
+  objectness_loss = sums["objectness_sum"] / normalizer
+  result = {"bbox_l1_loss": bbox_l1_loss, "giou_loss": giou_loss, "objectness_loss": objectness_loss,
+            **sums}
+  total = weights.bbox_weight * (bbox_l1_loss + giou_loss) + weights.objectness_weight * objectness_loss
+
+  if "caption_ids" in targets:
+    # Caption only the matched queries, one per target, so the decoder runs on T, not Q, sequences.
+    num_targets = targets["boxes_xyxy"].shape[1]
+    query_for_target = jax.vmap(lambda a: hungarian.row_for_col(a, num_targets))(col_for_row)
+    states = jnp.take_along_axis(outputs["query_states"], jnp.maximum(query_for_target, 0)[..., None],
+                                 axis=1)
+    token_weights = targets["caption_mask"].astype(jnp.float32) * (query_for_target >= 0)[..., None]
+    caption_ids = jnp.where(token_weights > 0, targets["caption_ids"], 0)
+    logits = head.caption_logits(states, caption_ids, token_embeddings)
+    caption_sum, caption_count = losses.weighted_token_cross_entropy(logits, caption_ids, token_weights)
+    result["caption_sum"], result["caption_token_count"] = caption_sum, caption_count
+    result["caption_loss"] = caption_sum / jnp.maximum(caption_count, 1.0)
+    total = total + weights.caption_weight * result["caption_loss"]
+  result["detection_loss"] = total
+  result["num_matched"] = num_matched
+  return result

@@ -1,0 +1,265 @@
+"""Detection head: shapes, masks, axis names, gradients, greedy captions and the set-prediction loss
+(overfitting two images)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import bbu_jax  # noqa: F401  (disables eager sharding)
+from bbu_jax.models.detection_head import (DetectionHead, DetectionHeadConfig, DetectionLossWeights,
+                                           detection_loss, match_queries)
+from bbu_jax.training import losses
+
+CFG = DetectionHeadConfig(hidden_size=16, num_queries=6, width=32, num_layers=2, num_heads=4, mlp_dim=64,
+                          adapter_dim=8, caption_max_len=6, caption_layers=1)
+WEIGHTS = DetectionLossWeights()
+BATCH, TEXT_LEN, VISION_LEN, MAX_OBJECTS, CAPTION_LEN, VOCAB = 2, 7, 8, 3, 5, 12
+EOS = 1
+PARAM_AXES = {"det_embed", "det_mlp", "queries", "embed", None}
+
+
+def _features(seed):
+  rng = np.random.default_rng(seed)
+  text_valid = np.ones((BATCH, TEXT_LEN), bool)
+  text_valid[0, 5:] = False
+  vision_valid = np.ones((BATCH, VISION_LEN), bool)
+  vision_valid[1, 6:] = False
+  return {
+      "text_hidden": jnp.asarray(rng.standard_normal((BATCH, TEXT_LEN, CFG.hidden_size)), jnp.float32),
+      "text_valid": jnp.asarray(text_valid),
+      "vision_features": jnp.asarray(rng.standard_normal((BATCH, VISION_LEN, CFG.hidden_size)), jnp.float32),
+      "vision_valid": jnp.asarray(vision_valid),
+  }
+
+
+def _targets(seed):
+  rng = np.random.default_rng(seed)
+  x1y1 = rng.random((BATCH, MAX_OBJECTS, 2)) * 0.5
+  wh = rng.random((BATCH, MAX_OBJECTS, 2)) * 0.3 + 0.1
+  valid = np.array([[True, True, False], [True, True, True]])  # sample 0 has a padded object
+  caption_ids = rng.integers(2, VOCAB, (BATCH, MAX_OBJECTS, CAPTION_LEN))
+  lengths = rng.integers(1, CAPTION_LEN, (BATCH, MAX_OBJECTS))  # desc tokens, then eos
+  positions = np.arange(CAPTION_LEN)
+  caption_ids = np.where(positions == lengths[..., None], EOS, caption_ids)
+  return {
+      "boxes_xyxy": jnp.asarray(np.concatenate([x1y1, x1y1 + wh], -1), jnp.float32),
+      "valid": jnp.asarray(valid),
+      "caption_ids": jnp.asarray(caption_ids, jnp.int32),
+      "caption_mask": jnp.asarray(positions <= lengths[..., None]),
+  }
+
+
+def _token_embeddings(seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((VOCAB, CFG.hidden_size)), jnp.float32)
+
+
+# Built under jit: eager init would compile every parameter's initializer on its own.
+_build_head = nnx.jit(lambda rngs: DetectionHead(CFG, rngs=rngs))
+
+
+def _new_head(seed=0):
+  return _build_head(nnx.Rngs(seed))
+
+
+def _loss(head, features, targets, embeddings):
+  result = detection_loss(head, head(**features), targets, embeddings, WEIGHTS)
+  return result["detection_loss"], result
+
+
+# One transformation object: optimizers of fresh heads then share the compiled train step.
+_ADAM = optax.adam(3e-3)
+
+
+def _optimizer(head):
+  return nnx.Optimizer(head, _ADAM, wrt=nnx.Param)
+
+
+@nnx.jit
+def _train_step(head, optimizer, features, targets, embeddings):
+  (_, result), grads = nnx.value_and_grad(_loss, has_aux=True)(head, features, targets, embeddings)
+  optimizer.update(head, grads)
+  return result, grads
+
+
+@nnx.jit
+def _forward(head, features):
+  return head(**features)
+
+
+def test_outputs_and_parameter_axis_names():
+  head = _new_head()
+  out = _forward(head, _features(0))
+  assert out["pred_boxes_cxcywh"].shape == (BATCH, CFG.num_queries, 4)
+  assert out["objectness_logits"].shape == (BATCH, CFG.num_queries)
+  assert out["query_states"].shape == (BATCH, CFG.num_queries, CFG.width)
+  boxes = np.asarray(out["pred_boxes_cxcywh"])
+  assert ((boxes > 0) & (boxes < 1)).all()
+  # Untrained queries start near the objectness prior, as focal-loss detectors do.
+  prior = np.asarray(jax.nn.sigmoid(out["objectness_logits"])).mean()
+  assert abs(prior - CFG.objectness_prior) < 0.05
+
+  params = nnx.state(head, nnx.Param)
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert len(leaves) > 20
+  for variable in leaves:
+    axes = variable.get_metadata()["out_sharding"]
+    assert len(axes) == variable[...].ndim and set(axes) <= PARAM_AXES, (axes, variable[...].shape)
+  assert head.query_embed.get_metadata()["out_sharding"] == ("queries", "det_embed")
+
+
+def test_bfloat16_compute_follows_float32():
+  features = _features(6)
+  reference = _forward(_new_head(6), features)
+  bf16_head = nnx.jit(lambda rngs: DetectionHead(CFG, rngs=rngs, dtype=jnp.bfloat16))(nnx.Rngs(6))
+  assert all(v[...].dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16_head, nnx.Param)))
+  out = _forward(bf16_head, features)
+  assert out["pred_boxes_cxcywh"].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out["pred_boxes_cxcywh"]),
+                             np.asarray(reference["pred_boxes_cxcywh"]), atol=2e-2)
+  np.testing.assert_allclose(np.asarray(out["objectness_logits"]),
+                             np.asarray(reference["objectness_logits"]), atol=5e-2)
+
+
+def test_padded_features_never_change_outputs():
+  head = _new_head()
+  features = _features(1)
+  reference = _forward(head, features)
+  rng = np.random.default_rng(5)
+  poisoned = dict(features)
+  for key, valid in (("text_hidden", "text_valid"), ("vision_features", "vision_valid")):
+    noise = rng.standard_normal(features[key].shape).astype(np.float32) * 100
+    noise[0, 0, 0] = np.nan
+    mask = ~np.asarray(features[valid])[..., None]
+    poisoned[key] = jnp.where(mask, jnp.asarray(noise), features[key])
+    assert mask.any()
+  again = _forward(head, poisoned)
+  for key in reference:
+    np.testing.assert_array_equal(np.asarray(again[key]), np.asarray(reference[key]))
+
+  # Padding is not attended at all: each sample alone, its padding cut off, gives the same outputs.
+  for sample, text_len, vision_len in ((0, 5, VISION_LEN), (1, TEXT_LEN, 6)):
+    alone = _forward(head, {
+        "text_hidden": features["text_hidden"][sample:sample + 1, :text_len],
+        "text_valid": features["text_valid"][sample:sample + 1, :text_len],
+        "vision_features": features["vision_features"][sample:sample + 1, :vision_len],
+        "vision_valid": features["vision_valid"][sample:sample + 1, :vision_len]})
+    for key in reference:
+      np.testing.assert_allclose(np.asarray(alone[key][0]), np.asarray(reference[key][sample]),
+                                 rtol=1e-5, atol=1e-6)
+
+  # ... while a real token does change them (the comparison above can fail).
+  changed = dict(features, vision_features=features["vision_features"].at[0, 0].add(1.0))
+  assert not np.array_equal(np.asarray(_forward(head, changed)["pred_boxes_cxcywh"][0]),
+                            np.asarray(reference["pred_boxes_cxcywh"][0]))
+
+
+def test_padded_targets_are_never_matched_and_never_matter():
+  head = _new_head()
+  features, targets, embeddings = _features(2), _targets(2), _token_embeddings(2)
+  outputs = _forward(head, features)
+  col_for_row = np.asarray(match_queries(outputs, targets, WEIGHTS))
+  valid = np.asarray(targets["valid"])
+  for sample in range(BATCH):
+    matched = col_for_row[sample][col_for_row[sample] >= 0]
+    assert sorted(matched.tolist()) == np.nonzero(valid[sample])[0].tolist()
+
+  # One optimizer step from the same initial head, with and without garbage in the padded object.
+  poisoned = dict(targets)
+  poisoned["boxes_xyxy"] = targets["boxes_xyxy"].at[0, 2].set(jnp.nan)
+  poisoned["caption_ids"] = targets["caption_ids"].at[0, 2].set(10**6)
+  results = []
+  for batch_targets in (targets, poisoned):
+    fresh = _new_head()
+    results.append(_train_step(fresh, _optimizer(fresh), features, batch_targets, embeddings))
+  (reference, grads), (again, grads_again) = results
+  for key in reference:
+    np.testing.assert_array_equal(np.asarray(again[key]), np.asarray(reference[key]))
+  for g, g_again in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_again)):
+    assert np.isfinite(np.asarray(g_again)).all()
+    np.testing.assert_array_equal(np.asarray(g_again), np.asarray(g))
+  assert int(reference["num_matched"]) == valid.sum()
+
+
+def test_greedy_captions_equal_teacher_forced_argmax():
+  head = _new_head(3)
+  embeddings = _token_embeddings(3)
+  states = _forward(head, _features(3))["query_states"]
+  generate = nnx.jit(lambda h, s, eos: h.generate_captions(s, embeddings, eos_token_id=eos),
+                     static_argnums=2)
+  free_ids, _ = generate(head, states, -1)  # an eos that never comes: full-length captions
+  # Make the token the first caption writes third its eos: that caption must stop there.
+  eos = int(free_ids[0, 0, 2])
+  ids, lengths = generate(head, states, eos)
+  ids, lengths = np.asarray(ids), np.asarray(lengths)
+  assert ids.shape == (BATCH, CFG.num_queries, CFG.caption_max_len)
+  assert lengths[0, 0] <= 2 and (lengths < CFG.caption_max_len).any()
+  teacher_forced = np.asarray(jnp.argmax(head.caption_logits(states, jnp.asarray(ids), embeddings), -1))
+  for b in range(BATCH):
+    for q in range(CFG.num_queries):
+      n = lengths[b, q]
+      assert eos not in ids[b, q, :n].tolist()
+      assert (ids[b, q, n:] == eos).all()
+      # Through the eos it wrote, every token is the argmax given the tokens before it.
+      upto = min(n + 1, CFG.caption_max_len)
+      np.testing.assert_array_equal(teacher_forced[b, q, :upto], ids[b, q, :upto])
+
+
+def test_training_reaches_every_parameter_and_overfits_two_images():
+  head = _new_head(4)
+  features, targets, embeddings = _features(4), _targets(4), _token_embeddings(4)
+  optimizer = _optimizer(head)
+
+  first, grads = _train_step(head, optimizer, features, targets, embeddings)
+  names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(grads)]
+  dead = [name for name, g in zip(names, jax.tree.leaves(grads)) if not np.any(np.asarray(g))]
+  assert not dead, f"no gradient reaches {dead}"
+
+  for _ in range(150):
+    last, _ = _train_step(head, optimizer, features, targets, embeddings)
+  assert float(last["bbox_l1_loss"]) < float(first["bbox_l1_loss"]) / 5
+  assert float(last["detection_loss"]) < float(first["detection_loss"]) / 5
+  assert float(last["caption_loss"]) < 0.1 * float(first["caption_loss"])
+  # The sums behind each loss, for exact accumulation across micro-batches.
+  np.testing.assert_allclose(float(last["bbox_l1_sum"]) / float(last["num_matched"]),
+                             float(last["bbox_l1_loss"]), rtol=1e-6)
+  np.testing.assert_allclose(float(last["caption_sum"]) / float(last["caption_token_count"]),
+                             float(last["caption_loss"]), rtol=1e-6)
+  assert float(last["caption_token_count"]) == np.asarray(targets["caption_mask"])[
+      np.asarray(targets["valid"])].sum()
+
+  outputs = _forward(head, features)
+  col_for_row = np.asarray(match_queries(outputs, targets, WEIGHTS))
+  valid = np.asarray(targets["valid"])
+  target_boxes = np.asarray(losses.box_xyxy_to_cxcywh(targets["boxes_xyxy"]))
+  pred_boxes = np.asarray(outputs["pred_boxes_cxcywh"])
+  scores = np.asarray(jax.nn.sigmoid(outputs["objectness_logits"]))
+  ids, lengths = head.generate_captions(outputs["query_states"], embeddings, eos_token_id=EOS)
+  ids, lengths = np.asarray(ids), np.asarray(lengths)
+  caption_ids, caption_mask = np.asarray(targets["caption_ids"]), np.asarray(targets["caption_mask"])
+  for b in range(BATCH):
+    for q in np.nonzero(col_for_row[b] >= 0)[0]:
+      t = col_for_row[b, q]
+      assert valid[b, t]
+      np.testing.assert_allclose(pred_boxes[b, q], target_boxes[b, t], atol=0.05)
+      # The matched query writes its object's caption, and scores above every unmatched query.
+      desc = caption_ids[b, t][caption_mask[b, t]][:-1]
+      assert ids[b, q, :lengths[b, q]].tolist() == desc.tolist()
+      assert scores[b, q] > scores[b][col_for_row[b] < 0].max()
+
+
+def test_config_and_inputs_are_checked():
+  with pytest.raises(ValueError, match="width 10 must be a multiple of num_heads 4"):
+    dataclasses.replace(CFG, width=10, num_heads=4)
+  with pytest.raises(ValueError, match="num_queries"):
+    dataclasses.replace(CFG, num_queries=0)
+  head = _new_head()
+  features = _features(0)
+  with pytest.raises(ValueError, match="vision_features"):
+    head(**dict(features, vision_features=features["vision_features"][..., :3]))
+  with pytest.raises(ValueError, match="caption_max_len"):
+    head.caption_logits(jnp.zeros((2, CFG.width)), jnp.zeros((2, 9), jnp.int32), _token_embeddings(0))
