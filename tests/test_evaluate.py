@@ -373,6 +373,7 @@ def test_malformed_input_is_counted_not_fatal(tmp_path):
       {"id": "s3", "images": ["y.jpg"], "prediction": [dict(good, score=0.4)]},           # no gt, no size
       sample(4, [{"bbox_2d": [50, 60, 10, 10], "desc": LABELS[0]}],                     # x2 < x1
              [{"bbox_2d": [10, 10, 50], "desc": LABELS[0], "score": 0.3},               # bad boxes
+              {"line": [0, 5, 20, 5, 40, 5], "desc": LABELS[4], "score": 0.2},          # zero area
               {"bbox_2d": ["a", 1, 2, 3], "desc": LABELS[0]},
               {"bbox_2d": [10, 10, 50, 60]},                                            # no label
               {"bbox_2d": [10, 10, 50, 60], "desc": LABELS[0], "score": "high"}]),     # no usable score
@@ -387,12 +388,12 @@ def test_malformed_input_is_counted_not_fatal(tmp_path):
   assert info["input_problems"] == {
       "unreadable_samples": 1, "missing_ground_truth": 1, "missing_size": 1, "inverted_boxes": 1,
       "invalid_pred_objects": 3, "empty_predictions": 2, "images_without_ground_truth": 2,
-      "predictions_without_score": 2}
-  assert info["total_gt_objects"] == 4 and info["total_pred_objects"] == 4
+      "predictions_without_score": 2, "zero_area_boxes": 1}
+  assert info["total_gt_objects"] == 4 and info["total_pred_objects"] == 5
   # Scoreless predictions exist, so all are ranked by their order.
   assert info["scores"].startswith("prediction order")
   overall = metrics["overall_metrics"]
-  assert overall["tp@0.5"] == 3 and overall["fn@0.5"] == 1 and overall["fp@0.5"] == 1
+  assert overall["tp@0.5"] == 3 and overall["fn@0.5"] == 1 and overall["fp@0.5"] == 2
 
 
 def test_unreadable_file_is_one_clear_error(tmp_path, capsys):

@@ -24,6 +24,7 @@ from bbu_jax.data.answer import object_box, parse_answer
 #   invalid_gt_objects         ground-truth objects dropped: no usable box or label
 #   invalid_pred_objects       predicted objects dropped: no usable box or label (parser skips included)
 #   inverted_boxes             boxes with x2 < x1 or y2 < y1, evaluated with their corners reordered
+#   zero_area_boxes            boxes with x1 == x2 or y1 == y2 (a horizontal line, say): never matched
 #   empty_predictions          samples with no usable prediction at all
 #   images_without_ground_truth samples with no usable ground-truth object
 #   predictions_without_score  predicted objects with no finite score
@@ -122,6 +123,8 @@ def _clean_object(obj: Any, kind: str, problems: Problems) -> dict[str, Any] | N
     problems["inverted_boxes"] += 1
     x1, x2 = min(x1, x2), max(x1, x2)
     y1, y2 = min(y1, y2), max(y1, y2)
+  if x1 == x2 or y1 == y2:
+    problems["zero_area_boxes"] += 1  # kept, but no IoU can reach a threshold with them
   cleaned: dict[str, Any] = {"bbox": [float(x1), float(y1), float(x2), float(y2)], "desc": label}
   if kind == "gt":
     for key in ("quad", "line"):
