@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import importlib.util
 import json
@@ -67,13 +68,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build_matcher(responses: Responses, semantic_threshold: float, embedding_model: str | None = None
                   ) -> LabelMatcher:
   """A matcher onto the ground-truth label vocabulary of all samples."""
-  vocabulary = {obj["desc"] for sample in responses.samples for obj in sample.ground_truth}
+  vocabulary = collections.Counter(obj["desc"] for sample in responses.samples for obj in sample.ground_truth)
   similarity = EmbeddingSimilarity(embedding_model) if embedding_model else CharSimilarity()
   return LabelMatcher(vocabulary, semantic_threshold, similarity)
 
 
-def metrics_json(responses: Responses, evaluation: coco.Evaluation, responses_file: str,
-                 semantic_threshold: float, similarity_name: str) -> dict[str, Any]:
+def metrics_json(responses: Responses, evaluation: coco.Evaluation, responses_file: str, semantic_threshold: float,
+                 similarity_name: str, merged_spellings: int = 0) -> dict[str, Any]:
   """The output JSON: evaluation_info, overall_metrics, category_metrics."""
   flat = evaluation.flat
   parse_failures = sum(1 for s in responses.samples if s.parse_error)
@@ -92,6 +93,7 @@ def metrics_json(responses: Responses, evaluation: coco.Evaluation, responses_fi
       "scores": evaluation.score_source,
       "label_similarity": similarity_name,
       "gt_label_vocabulary": flat.vocabulary_size,
+      "gt_label_spellings_merged": merged_spellings,
       "unmatched_pred_labels": len(flat.class_labels) - flat.vocabulary_size,
       "metric_notes": ("mAP: COCO AP over IoU 0.5:0.05:0.95; AP@x: COCO AP at IoU x; mAR: COCO AR, maxDets "
                        "100, all areas (pycocotools COCOeval, one category per ground-truth label). "
@@ -115,7 +117,8 @@ def evaluate_responses(args: argparse.Namespace) -> dict[str, Any]:
   evaluation = coco.evaluate_samples(responses.samples, matcher, categorizer,
                                      match_iou_threshold=args.iou_threshold, workers=args.workers)
   similarity_name = f"embedding:{args.embedding_model}" if args.embedding_model else "char-bigram dice"
-  result = metrics_json(responses, evaluation, args.responses_file, args.semantic_threshold, similarity_name)
+  result = metrics_json(responses, evaluation, args.responses_file, args.semantic_threshold, similarity_name,
+                        matcher.merged_spellings)
   output = pathlib.Path(args.output_file)
   output.parent.mkdir(parents=True, exist_ok=True)
   output.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -1,5 +1,6 @@
 """Tests for the evaluation job: COCOeval parity, known answers, label matching, categories, bad input."""
 
+import collections
 import contextlib
 import importlib.machinery
 import io
@@ -559,3 +560,18 @@ def test_any_responses_content_evaluates_without_crashing(tmp_path_factory, samp
   assert len(responses.samples) + responses.problems["unreadable_samples"] == len(samples)
   for metric in ("mAP", "AP@0.5", "mAR"):
     assert result.overall[metric] is None or 0.0 <= result.overall[metric] <= 1.0
+
+
+def test_ground_truth_spelling_variants_are_one_class(tmp_path):
+  variant = "螺丝连接点 / BBU 安装螺丝"
+  gts = [{"bbox_2d": [10, 10, 50, 60], "desc": LABELS[2]}, {"bbox_2d": [100, 100, 150, 150], "desc": LABELS[2]},
+         {"bbox_2d": [60, 10, 90, 40], "desc": variant}]
+  preds = [{"bbox_2d": [10, 10, 50, 60], "desc": variant, "score": 0.9},
+           {"bbox_2d": [100, 100, 150, 150], "desc": LABELS[2], "score": 0.8},
+           {"bbox_2d": [60, 10, 90, 40], "desc": LABELS[2], "score": 0.7}]
+  metrics = run(tmp_path, [sample(0, gts, preds)])
+  assert metrics["overall_metrics"]["mAP"] == ONE
+  assert metrics["evaluation_info"]["gt_label_vocabulary"] == 1
+  assert metrics["evaluation_info"]["gt_label_spellings_merged"] == 1
+  matcher = LabelMatcher(collections.Counter({LABELS[2]: 2, variant: 1}))
+  assert matcher.vocabulary == [LABELS[2]] and matcher.canonical(variant) == LABELS[2]

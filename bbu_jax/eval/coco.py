@@ -77,7 +77,7 @@ def flatten(samples: Sequence[Sample], matcher: LabelMatcher, categorizer: Categ
     for obj in sample.ground_truth:
       gt_sample.append(index)
       gt_boxes.append(obj["bbox"])
-      gt_class.append(class_ids[obj["desc"]])
+      gt_class.append(class_ids[matcher.canonical(obj["desc"])])
     count = len(sample.prediction)
     for rank, obj in enumerate(sample.prediction):
       label, similarity = matcher.match(obj["desc"])

@@ -145,29 +145,42 @@ class EmbeddingSimilarity:
 
 
 class LabelMatcher:
-  """Maps predicted labels onto a ground-truth vocabulary with a similarity and a threshold.
+  """Maps labels onto a ground-truth vocabulary with a similarity and a threshold.
 
-  `match(label)` returns (vocabulary label, similarity) when the best similarity is at least
-  `threshold` (ties go to the vocabulary label first in sorted order), else (label, best similarity):
-  an unmatched label stays its own class, so its boxes are false positives. Results are cached.
+  Ground-truth spellings that normalize alike (`螺丝连接点 / BBU 安装螺丝`, `螺丝连接点/BBU安装螺丝`) are
+  one class, named by their most frequent spelling (`canonical`). `match(label)` returns (vocabulary
+  label, similarity) when the best similarity is at least `threshold` (ties go to the vocabulary label
+  first in sorted order), else (label, best similarity): an unmatched label stays its own class, so its
+  boxes are false positives. Results are cached.
   """
 
-  def __init__(self, vocabulary: Iterable[str], threshold: float = 0.7,
+  def __init__(self, vocabulary: Iterable[str] | collections.Counter, threshold: float = 0.7,
                similarity: Callable[[str, str], float] | None = None):
-    self.vocabulary = sorted(set(vocabulary))
-    self._vocabulary_set = set(self.vocabulary)
+    counts = vocabulary if isinstance(vocabulary, collections.Counter) else collections.Counter(set(vocabulary))
+    spellings: dict[str, list[str]] = {}
+    for label in sorted(counts):
+      spellings.setdefault(normalize_label(label), []).append(label)
+    self._canonical_of_norm = {norm: max(group, key=lambda label: (counts[label], [-ord(c) for c in label]))
+                               for norm, group in spellings.items()}
+    self.vocabulary = sorted(self._canonical_of_norm.values())
+    self.merged_spellings = sum(len(group) - 1 for group in spellings.values())
     self.threshold = threshold
     self.similarity = similarity or CharSimilarity()
     self._cache: dict[str, tuple[str, float]] = {}
     if isinstance(self.similarity, EmbeddingSimilarity):
       self.similarity.embed(self.vocabulary)
 
+  def canonical(self, label: str) -> str:
+    """The class name of a ground-truth label (itself unless a more frequent spelling exists)."""
+    return self._canonical_of_norm.get(normalize_label(label), label)
+
   def match(self, label: str) -> tuple[str, float]:
     cached = self._cache.get(label)
     if cached is not None:
       return cached
-    if label in self._vocabulary_set:
-      result = (label, 1.0)
+    same = self._canonical_of_norm.get(normalize_label(label))
+    if same is not None:
+      result = (same, 1.0)
     else:
       best_label, best = label, 0.0
       for candidate in self.vocabulary:
