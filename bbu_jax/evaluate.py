@@ -43,7 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="images drawn in the browser (those with errors first)")
   parser.add_argument("--category_rules", help='JSON {"category": ["keyword", ...]} replacing the defaults')
   parser.add_argument("--embedding_model", help="local transformers model dir for embedding label similarity")
-  parser.add_argument("--workers", type=int, default=None, help="forked processes for COCOeval matching (default 1; helps only on idle cores)")
+  parser.add_argument("--workers", type=int, default=None,
+                      help="forked processes for COCOeval matching (default 1; helps only on idle cores)")
   parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two metrics files side by side")
   # Inference first, then metrics (the batched eval job).
   parser.add_argument("--model_path")

@@ -269,15 +269,20 @@ def matches_at(ev: COCOeval, threshold_indices: Sequence[int], num_dt: int, num_
                ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per threshold index: (dt -> matched gt index or -1, gt matched?) from COCOeval's greedy matching."""
   indices = np.asarray(threshold_indices, np.int64)
+  dt_ids, dt_matches, gt_ids, gt_matches = [], [], [], []
+  for result in ev.evalImgs:
+    if result is not None:
+      dt_ids.append(result["dtIds"])
+      dt_matches.append(result["dtMatches"][indices])
+      gt_ids.append(result["gtIds"])
+      gt_matches.append(result["gtMatches"][indices])
   dt_matched_gt = np.full((len(indices), num_dt), -1, np.int64)
   gt_matched = np.zeros((len(indices), num_gt), bool)
-  for result in ev.evalImgs:
-    if result is None:
-      continue
-    if result["dtIds"]:
-      dt_matched_gt[:, np.asarray(result["dtIds"], np.int64) - 1] = result["dtMatches"][indices] - 1
-    if result["gtIds"]:
-      gt_matched[:, np.asarray(result["gtIds"], np.int64) - 1] = result["gtMatches"][indices] > 0
+  if dt_ids:
+    dt_index = np.fromiter((i for ids in dt_ids for i in ids), np.int64) - 1
+    gt_index = np.fromiter((i for ids in gt_ids for i in ids), np.int64) - 1
+    dt_matched_gt[:, dt_index] = np.concatenate(dt_matches, axis=1).astype(np.int64) - 1
+    gt_matched[:, gt_index] = np.concatenate(gt_matches, axis=1) > 0
   return [(dt_matched_gt[i], gt_matched[i]) for i in range(len(indices))]
 
 

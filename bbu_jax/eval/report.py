@@ -239,7 +239,8 @@ def write_report(report_dir: str | pathlib.Path, responses: Responses, evaluatio
       continue
     file_name = f"pr_{_safe_name(name)}.png"
     draw_pr_curve(report_dir / file_name, f"{name}: precision vs recall", curves)
-    curve_tags.append(f'<img src="{file_name}" alt="PR curve {html.escape(name)}" data-category="{html.escape(name)}">')
+    curve_tags.append(f'<img src="{file_name}" alt="PR curve {html.escape(name)}" '
+                      f'data-category="{html.escape(name)}">')
 
   num_samples = len(responses.samples)
   gt_rows = np.split(np.arange(len(flat.gt_sample)), np.searchsorted(flat.gt_sample, np.arange(1, num_samples)))
