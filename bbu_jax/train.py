@@ -308,7 +308,8 @@ def train(config) -> dict:
         checkpointer.save(step, state, data_state=iterator.get_state(), meta={"step": step})
       if stop["signal"] is not None:
         break
-    checkpointer.save(step, state, data_state=iterator.get_state(), meta={"step": step}, force=True)
+    if checkpointer.latest_step() != step:
+      checkpointer.save(step, state, data_state=iterator.get_state(), meta={"step": step}, force=True)
     checkpointer.wait()
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
@@ -428,7 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = flags.FLAGS.config
     if config is None:
       raise config_lib.ConfigError("--config is required, e.g. --config configs/exp.py")
-    train(config)
+    result = train(config)
+    if result.get("stopped"):
+      sys.exit(128 + signal.SIGTERM)  # supervisors read a non-zero exit as "not finished: run again"
 
   app.run(run, argv=list(sys.argv if argv is None else [sys.argv[0], *argv]))
   return 0
