@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pathlib
 import signal
 import sys
@@ -17,7 +16,6 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,12 +28,12 @@ from bbu_jax.data.images import ImageProcessorConfig
 from bbu_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from bbu_jax.models import bbu_model, weights
 from bbu_jax.models.config import Qwen25VLConfig, TextConfig, VisionConfig, named_config
-from bbu_jax.models.detection_head import DetectionHeadConfig, DetectionLossWeights
+from bbu_jax.models.detection_head import DetectionHeadConfig
 from bbu_jax.parallel import distributed, sharding
 from bbu_jax.training import checkpoint as checkpoint_lib
 from bbu_jax.training import metrics as metrics_lib
 from bbu_jax.training import optimizer as optimizer_lib
-from bbu_jax.training import step as step_lib
+from bbu_jax.training import program as program_lib
 
 log = logging.getLogger("bbu_jax.train")
 
@@ -166,7 +164,7 @@ def train(config) -> dict:
   # ===== Data ================================================================================
   prepare_data(config)
   train_records = load_split(config.train_data_path, config, run_dir, "train")
-  val_records = load_split(config.val_data_path, config, run_dir, "val")
+  load_split(config.val_data_path, config, run_dir, "val")  # refuse a bad validation file now, not after training
   teacher_pool = load_split(config.teacher_pool_file, config, run_dir, "teacher_pool") if config.teacher_ratio > 0 else []
   chat_config = ChatConfig(prompt_language=config.prompt_language,
                            images=ImageProcessorConfig(min_pixels=config.min_pixels, max_pixels=config.max_pixels))
@@ -201,65 +199,24 @@ def train(config) -> dict:
            config.gradient_accumulation_steps, config.model_max_length)
 
   # ===== Model, optimizer, shardings ============================================================
-  compute_dtype = jnp.bfloat16 if config.bf16 else jnp.float32
-  remat = "full" if config.gradient_checkpointing else "none"
-  attention_impl = "cudnn" if (config.use_flash_attention and jax.devices()[0].platform == "gpu") else "xla"
-
-  def make_model():
-    return bbu_model.BBUModel(model_config, detection=det_config, rngs=nnx.Rngs(config.seed), dtype=compute_dtype,
-                              param_dtype=jnp.float32, remat_policy=remat, attention_impl=attention_impl)
-
-  optimizer, schedules = optimizer_lib.make_optimizer(config, total_steps)
-  is_trainable = optimizer_lib.is_trainable(config)
-  abstract_model = nnx.eval_shape(make_model)
-  graphdef, _, _ = step_lib.split_trainable(abstract_model, is_trainable)
-  abstract_state = jax.eval_shape(lambda: step_lib.init_train_state(make_model(), optimizer, is_trainable,
-                                                                    config.seed)[1])
-  param_rules = sharding.param_rules(config.sharding_mode)
-  replicated = sharding.NamedSharding(mesh, sharding.P())
-  state_shardings = step_lib.TrainState(
-      step=replicated,
-      trainable=sharding.tree_shardings(abstract_state.trainable, param_rules, mesh),
-      frozen=sharding.tree_shardings(abstract_state.frozen, param_rules, mesh),
-      opt_state=sharding.tree_shardings(abstract_state.opt_state, sharding.OPTIMIZER_RULES, mesh),
-      rng=replicated)
-  del abstract_model
-
-  def init_state():
-    model = make_model()
-    if config.model_path:
-      pretrained = weights.load_model(config.model_path, dtype=compute_dtype, param_dtype=jnp.float32)[0]
-      nnx.update(model, nnx.state(pretrained, nnx.Param))
-    return step_lib.init_train_state(model, optimizer, is_trainable, config.seed)[1]
-
-  n_trainable = sum(x.size for x in jax.tree.leaves(abstract_state.trainable))
-  n_frozen = sum(x.size for x in jax.tree.leaves(abstract_state.frozen))
+  program = program_lib.build_program(config, model_config, det_config, mesh, total_steps)
+  n_trainable, n_frozen = program.param_counts()
   log.info("model: %.2fM trainable and %.2fM frozen parameters; groups trained: %s", n_trainable / 1e6,
            n_frozen / 1e6, ", ".join(f"{g} (lr {lr:g})" for g, lr in optimizer_lib.group_learning_rates(config).items()
                                     if lr > 0))
-
-  det_weights = DetectionLossWeights(bbox_weight=config.detection_bbox_weight,
-                                     caption_weight=config.detection_caption_weight)
-  loss_weights = step_lib.LossWeights(teacher_loss_weight=config.teacher_loss_weight,
-                                      student_loss_weight=config.student_loss_weight,
-                                      detection_bbox_weight=config.detection_bbox_weight,
-                                      detection_caption_weight=config.detection_caption_weight)
-  terms = lambda model, micro, rng: bbu_model.loss_terms(model, micro, rng, det_weights=det_weights)
-  train_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, terms, loss_weights, schedules),
-                       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-                       donate_argnums=(0,))
+  graphdef, train_step = program.graphdef, program.train_step
 
   # ===== Restore or initialize ================================================================
   checkpointer = checkpoint_lib.Checkpointer(run_dir / "checkpoints", keep_last=config.save_total_limit)
   iterator = iter(dataset)
-  abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_shardings)
   if config.resume and checkpointer.latest_step() is not None:
-    start_step, state, data_state, meta = checkpointer.restore(abstract_sharded)
+    start_step, state, data_state, meta = checkpointer.restore(program.abstract_sharded_state())
     iterator.set_state(data_state)
     log.info("resumed from checkpoint %d in %s", start_step, checkpointer.directory)
   else:
-    state = jax.jit(init_state, out_shardings=state_shardings)()
+    pretrained = program_lib.load_pretrained_params(config, model_config, program) if config.model_path else None
+    state = program.init_state(pretrained)
+    del pretrained
     start_step = 0
     log.info("initialized %s", f"from {config.model_path}" if config.model_path else "from scratch")
 
