@@ -91,6 +91,11 @@ def _forward(head, features):
   return head(**features)
 
 
+@nnx.jit
+def _caption_logits(head, states, ids, embeddings):
+  return head.caption_logits(states, ids, embeddings)
+
+
 def test_outputs_and_parameter_axis_names():
   head = _new_head()
   out = _forward(head, _features(0))
@@ -189,16 +194,15 @@ def test_greedy_captions_equal_teacher_forced_argmax():
   head = _new_head(3)
   embeddings = _token_embeddings(3)
   states = _forward(head, _features(3))["query_states"]
-  generate = nnx.jit(lambda h, s, eos: h.generate_captions(s, embeddings, eos_token_id=eos),
-                     static_argnums=2)
-  free_ids, _ = generate(head, states, -1)  # an eos that never comes: full-length captions
+  generate = nnx.jit(lambda h, s, eos: h.generate_captions(s, embeddings, eos_token_id=eos))
+  free_ids, _ = generate(head, states, jnp.int32(-1))  # an eos that never comes: full length
   # Make the token the first caption writes third its eos: that caption must stop there.
   eos = int(free_ids[0, 0, 2])
-  ids, lengths = generate(head, states, eos)
+  ids, lengths = generate(head, states, jnp.int32(eos))
   ids, lengths = np.asarray(ids), np.asarray(lengths)
   assert ids.shape == (BATCH, CFG.num_queries, CFG.caption_max_len)
   assert lengths[0, 0] <= 2 and (lengths < CFG.caption_max_len).any()
-  teacher_forced = np.asarray(jnp.argmax(head.caption_logits(states, jnp.asarray(ids), embeddings), -1))
+  teacher_forced = np.asarray(jnp.argmax(_caption_logits(head, states, jnp.asarray(ids), embeddings), -1))
   for b in range(BATCH):
     for q in range(CFG.num_queries):
       n = lengths[b, q]
@@ -238,7 +242,8 @@ def test_training_reaches_every_parameter_and_overfits_two_images():
   target_boxes = np.asarray(losses.box_xyxy_to_cxcywh(targets["boxes_xyxy"]))
   pred_boxes = np.asarray(outputs["pred_boxes_cxcywh"])
   scores = np.asarray(jax.nn.sigmoid(outputs["objectness_logits"]))
-  ids, lengths = head.generate_captions(outputs["query_states"], embeddings, eos_token_id=EOS)
+  ids, lengths = nnx.jit(lambda h, s: h.generate_captions(s, embeddings, eos_token_id=EOS))(
+      head, outputs["query_states"])
   ids, lengths = np.asarray(ids), np.asarray(lengths)
   caption_ids, caption_mask = np.asarray(targets["caption_ids"]), np.asarray(targets["caption_mask"])
   for b in range(BATCH):

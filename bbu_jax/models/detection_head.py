@@ -237,7 +237,8 @@ class DetectionHead(nnx.Module):
     start = jnp.broadcast_to(self.caption_start[...].astype(self.dtype), (ids.shape[0], 1, self.cfg.width))
     x = jnp.concatenate([start, self.caption_token_proj(previous)], axis=1)
     # The query conditions every position, not only the first, so long captions keep their object.
-    x = x + self.caption_condition(states)[:, None, :] + self.caption_positions[...][:length].astype(self.dtype)
+    positions = self.caption_positions[...][:length].astype(self.dtype)
+    x = x + self.caption_condition(states)[:, None, :] + positions
     segments = jnp.ones(ids.shape, jnp.int32)
     causal_mask = make_attention_mask(segments, segments, causal=True)
     for layer in self.caption_layers:
@@ -246,8 +247,8 @@ class DetectionHead(nnx.Module):
     logits = jnp.einsum("nld,vd->nlv", hidden, token_embeddings.astype(jnp.float32))
     return logits.reshape(*lead, length, -1)
 
-  def generate_captions(self, query_states: Array, token_embeddings: Array, *, eos_token_id: int,
-                        max_len: int | None = None) -> tuple[Array, Array]:
+  def generate_captions(self, query_states: Array, token_embeddings: Array, *,
+                        eos_token_id: int | Array, max_len: int | None = None) -> tuple[Array, Array]:
     """Greedy captions: (ids (..., max_len) int32, lengths (...) int32).
 
     ids[..., :lengths] is the caption without eos; later slots hold eos. Stops early once every
