@@ -5,8 +5,10 @@ import contextlib
 import importlib.machinery
 import io
 import json
+import pathlib
 import subprocess
 import sys
+import tempfile
 import types
 
 import numpy as np
@@ -187,9 +189,7 @@ def test_sparse_evaluate_equals_dense_evaluate():
     assert coco.summarize_classes(sparse, None)["mAP"] == dense.stats[0]
 
 
-def read_samples(samples, tmp=None):
-  import pathlib
-  import tempfile
+def read_samples(samples):
   with tempfile.TemporaryDirectory() as tmp:
     return read_responses(write_responses(pathlib.Path(tmp) / "r.json", samples)).samples
 
@@ -466,7 +466,8 @@ def test_compare_table(tmp_path):
   run(tmp_path, [sample(0, gts, [dict(g, score=0.9) for g in gts])], name="b.json")
   result = subprocess.run([sys.executable, "-m", "bbu_jax.evaluate", "--compare",
                            str(tmp_path / "a.json.metrics.json"), str(tmp_path / "b.json.metrics.json")],
-                          capture_output=True, text=True, check=True, timeout=120)
+                          capture_output=True, text=True, check=True, timeout=120,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
   rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
   assert rows["mAP"] == ["0.5000", "1.0000", "+0.5000"]
   assert rows["recall@0.5"] == ["0.5000", "1.0000", "+0.5000"]
