@@ -14,7 +14,7 @@ from bbu_jax.data.answer import format_answer, parse_answer  # noqa: E402
 from bbu_jax.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 from bbu_jax.decode import scoring  # noqa: E402
 from bbu_jax.decode.generate import (GenerationSettings, Generator, make_prompt_batch, prompt_bucket,  # noqa: E402
-                                     select_tokens, top_p_filter)
+                                     select_tokens, size_bucket, top_p_filter)
 from bbu_jax.models import load_pretrained  # noqa: E402
 from bbu_jax.models.rope import get_rope_index  # noqa: E402
 
@@ -131,6 +131,14 @@ def test_prompts_of_different_lengths_in_one_bucket_compile_once(models):
   long_prompt = [make_prompt(rng, [(1, 4, 4)], [70, 2])]  # past the first bucket
   generator.generate(batch_of(long_prompt, ours.config, batch_size=2), settings(max_new_tokens=4))
   assert generator.trace_count == traces + 2
+
+
+def test_size_buckets_waste_under_a_quarter_and_are_few():
+  sizes = np.arange(1, 8193)
+  buckets = np.asarray([size_bucket(int(n), 64) for n in sizes])
+  assert np.all(buckets >= sizes) and np.all(np.diff(buckets) >= 0) and np.all(buckets % 64 == 0)
+  assert np.all(buckets - sizes < np.maximum(64, sizes / 4))
+  assert len(set(buckets.tolist())) <= 4 * 7 + 1  # four per doubling from 64 to 8192, plus 64
 
 
 def test_top_p_keeps_the_smallest_nucleus():

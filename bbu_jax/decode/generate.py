@@ -21,7 +21,7 @@ from flax import nnx
 
 from bbu_jax.models import layers
 from bbu_jax.models.config import Qwen25VLConfig
-from bbu_jax.models.qwen2_5_vl import Qwen25VL, bucket
+from bbu_jax.models.qwen2_5_vl import Qwen25VL
 from bbu_jax.models.vision import stack_vision_metadata, vision_metadata
 from bbu_jax.parallel import sharding
 
@@ -31,8 +31,8 @@ Array = jax.Array
 # data-parallel axes and kv heads with the tensor axis, as the model's activations do.
 CACHE_AXES = ("layers", "batch", "length", "act_kv_heads", None)
 
-# Prompt lengths and patch budgets snap to these bucket floors (then powers of two), so a run over
-# many batches compiles a handful of programs.
+# Prompt lengths and patch budgets snap to buckets above these floors (see size_bucket), so a run over
+# many batches compiles a handful of programs. Powers of two, multiples of the merge unit (4).
 MIN_PROMPT_BUCKET = 64
 MIN_PATCH_BUCKET = 64
 
@@ -108,9 +108,19 @@ class GenerationOutput:
 # --- Host side: prompts -> a padded batch -----------------------------------------------------------
 
 
+def size_bucket(n: int, minimum: int) -> int:
+  """A size >= n from few distinct values: `minimum`, then at most four steps per doubling (multiples of
+  max(minimum, 2^(bits(n-1) - 3))), so padding wastes under max(minimum, n / 4) and a run compiles a
+  handful of shapes. `minimum` must be a power of two (then every bucket is a multiple of it)."""
+  if n <= minimum:
+    return minimum
+  step = max(minimum, 2 ** ((n - 1).bit_length() - 3))
+  return -(-n // step) * step
+
+
 def prompt_bucket(length: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
-  """The padded prompt length for a prompt of `length` tokens (powers of two from `minimum`, then x1024)."""
-  return bucket(length, minimum=minimum, multiple=minimum)
+  """The padded prompt length for a prompt of `length` tokens."""
+  return size_bucket(length, minimum)
 
 
 def make_prompt_batch(prompts: Sequence[dict[str, Any]], config: Qwen25VLConfig, *, batch_size: int | None = None,
@@ -155,7 +165,7 @@ def make_prompt_batch(prompts: Sequence[dict[str, Any]], config: Qwen25VLConfig,
       raise ValueError("either every prompt of a batch has images or none has")
     vc = config.vision
     patch_counts = [int(np.asarray(p["pixel_values"]).shape[0]) for p in rows]
-    budget = bucket(max(patch_counts), minimum=min_patch_bucket, multiple=vc.merge_unit)
+    budget = size_bucket(max(patch_counts), min_patch_bucket)
     pixel_values = np.zeros((total, budget, vc.patch_dim), np.float32)
     metas = []
     for row, prompt in enumerate(rows):
