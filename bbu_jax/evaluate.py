@@ -4,7 +4,8 @@
       [--semantic_threshold 0.7] [--source lm|head] [--report_dir DIR] [--data_root D]
       [--category_rules F] [--embedding_model DIR]
   python -m bbu_jax.evaluate --compare A.json B.json
-  python -m bbu_jax.evaluate --model_path P --input_jsonl F --data_root D --output_file M   (infer first)
+  python -m bbu_jax.evaluate --model_path P --input_jsonl F --data_root D --output_file M [infer flags]
+      (inference first, into M's stem + .responses.json, then the metrics)
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--teacher_pool_file")
   parser.add_argument("--num_teachers", type=int, default=0)
-  args = parser.parse_args(argv)
+  # In inference mode, flags this parser does not know (--max_new_tokens, --max_pixels, ...) go to
+  # bbu_jax.infer, which checks them.
+  args, args.inference_flags = parser.parse_known_args(argv)
+  if args.inference_flags and not args.model_path:
+    parser.error(f"unrecognized arguments: {' '.join(args.inference_flags)}")
   if not args.compare:
     if args.model_path or args.input_jsonl:
       if not (args.model_path and args.input_jsonl and args.output_file):
@@ -185,18 +190,25 @@ def compare_files(path_a: str, path_b: str) -> str:
 # Inference, then metrics.
 
 def infer_then_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-  """Runs bbu_jax.infer.run_inference into a responses file beside the output, then evaluates it."""
+  """Runs `python -m bbu_jax.infer` (its main) into a responses file beside the output, then evaluates it.
+
+  Inference flags that evaluate does not define itself are passed through to bbu_jax.infer.
+  """
   if importlib.util.find_spec("bbu_jax.infer") is None:
     raise SystemExit("inference is not available yet (bbu_jax.infer does not exist); run it separately "
                      "and pass its output with --responses_file")
   infer = importlib.import_module("bbu_jax.infer")
-  if not hasattr(infer, "run_inference"):
-    raise SystemExit("bbu_jax.infer has no run_inference(); pass a responses file with --responses_file")
   output = pathlib.Path(args.output_file)
   responses_file = output.with_name(output.stem + ".responses.json")
-  infer.run_inference(model_path=args.model_path, input_jsonl=args.input_jsonl, output_file=str(responses_file),
-                      data_root=args.data_root, batch_size=args.batch_size,
-                      teacher_pool_file=args.teacher_pool_file, num_teachers=args.num_teachers)
+  argv = ["--model_path", args.model_path, "--input_jsonl", args.input_jsonl, "--output_file", str(responses_file),
+          "--batch_size", str(args.batch_size), "--num_teachers", str(args.num_teachers)]
+  if args.data_root:
+    argv += ["--data_root", args.data_root]
+  if args.teacher_pool_file:
+    argv += ["--teacher_pool_file", args.teacher_pool_file]
+  status = infer.main(argv + list(args.inference_flags))
+  if status:
+    raise SystemExit(f"inference failed (exit status {status}); no metrics were computed")
   args.responses_file = str(responses_file)
   return evaluate_responses(args)
 

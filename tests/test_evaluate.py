@@ -477,24 +477,36 @@ def test_compare_table(tmp_path):
 
 def test_inference_mode_without_and_with_infer_module(tmp_path, monkeypatch):
   args = ["--model_path", "m", "--input_jsonl", "in.jsonl", "--data_root", str(tmp_path),
-          "--output_file", str(tmp_path / "m.json")]
+          "--output_file", str(tmp_path / "m.json"), "--max_new_tokens", "7"]
   monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(SystemExit, match="inference is not available"):
     evaluate.main(args)
   monkeypatch.undo()
   gts = [{"bbox_2d": [10, 10, 50, 60], "desc": LABELS[0]}]
-  calls = {}
-  def run_inference(**kwargs):
-    calls.update(kwargs)
-    write_responses(tmp_path / "m.responses.json", [sample(0, gts, [dict(gts[0], score=0.5)])])
+  calls = []
+  def main(argv):
+    calls.append(argv)
+    output = pathlib.Path(argv[argv.index("--output_file") + 1])
+    write_responses(output, [sample(0, gts, [dict(gts[0], score=0.5)]), sample(1, gts, [], error="unreadable image")])
+    return 0
   fake = types.ModuleType("bbu_jax.infer")
   fake.__spec__ = importlib.machinery.ModuleSpec("bbu_jax.infer", None)
-  fake.run_inference = run_inference
+  fake.main = main
   monkeypatch.setitem(sys.modules, "bbu_jax.infer", fake)
   with contextlib.redirect_stdout(io.StringIO()):
     assert evaluate.main(args) == 0
-  assert calls["model_path"] == "m" and calls["input_jsonl"] == "in.jsonl"
-  assert json.loads((tmp_path / "m.json").read_text())["overall_metrics"]["mAP"] == ONE
+  argv = calls[0]
+  assert argv[argv.index("--model_path") + 1] == "m" and argv[argv.index("--input_jsonl") + 1] == "in.jsonl"
+  assert argv[-2:] == ["--max_new_tokens", "7"]  # passed through to bbu_jax.infer
+  assert argv[argv.index("--output_file") + 1] == str(tmp_path / "m.responses.json")
+  metrics = json.loads((tmp_path / "m.json").read_text())
+  assert metrics["overall_metrics"]["recall@0.5"] == 0.5
+  assert metrics["evaluation_info"]["input_problems"]["inference_errors"] == 1
+  fake.main = lambda argv: 2
+  with pytest.raises(SystemExit, match="inference failed"):
+    evaluate.main(args)
+  with pytest.raises(SystemExit):  # unknown flags outside inference mode
+    evaluate.main(["--responses_file", "r.json", "--output_file", "m.json", "--max_new_tokens", "7"])
 
 
 def test_real_records_as_perfect_predictions(tmp_path, shared_data):

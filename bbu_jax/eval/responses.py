@@ -28,6 +28,7 @@ from bbu_jax.data.answer import object_box, parse_answer
 #   empty_predictions          samples with no usable prediction at all
 #   images_without_ground_truth samples with no usable ground-truth object
 #   predictions_without_score  predicted objects with no finite score
+#   inference_errors           samples whose inference failed (their `error`, e.g. an unreadable image)
 
 
 class Problems(collections.Counter):
@@ -208,6 +209,8 @@ def _our_sample(index: int, raw: dict[str, Any], source: str, problems: Problems
   else:
     problems["missing_prediction"] += 1
     prediction = []
+  if raw.get("error"):
+    problems["inference_errors"] += 1
   sample_id = raw.get("id")
   return _finish(Sample(sample_id=str(sample_id if sample_id is not None else image or index), image=image,
                         width=_size(raw.get("width")), height=_size(raw.get("height")),
