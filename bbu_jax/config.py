@@ -170,8 +170,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
     fail("teacher_loss_weight" if c.teacher_loss_weight < 0 else "student_loss_weight", "must be >= 0")
   if c.min_pixels <= 0 or c.max_pixels < c.min_pixels:
     fail("max_pixels", f"must be >= min_pixels > 0, got min {c.min_pixels}, max {c.max_pixels}")
-  if c.detection_enabled and c.detection_num_queries < 1:
-    fail("detection_num_queries", f"must be >= 1 when detection_enabled, got {c.detection_num_queries}")
+  if c.detection_enabled and c.detection_num_queries < c.max_objects:
+    fail("detection_num_queries", f"must be >= max_objects ({c.max_objects}) so that every object can be "
+         f"matched to a query, got {c.detection_num_queries}")
   if c.lora.rank < 0:
     fail("lora.rank", f"must be >= 0, got {c.lora.rank}")
   if not c.model_path and not c.model_size and c.model.text_hidden_size <= 0:

@@ -44,7 +44,7 @@ def get_config():
   c.num_teacher_samples = 1
 
   c.detection_enabled = True
-  c.detection_num_queries = 16
+  c.detection_num_queries = 48
   c.detection_layers = 2
   c.detection_width = 128
 

@@ -3,7 +3,7 @@
 `BBUModel` is a Qwen25VL whose parameter tree adds `detection_head` at the top level (so optimizer
 groups, shardings and the Hugging Face export see the same names as in the plain model). Its
 checkpoint is the bbu_jax checkpoint of bbu_jax.models.weights plus `bbu_jax.json`, which records
-the head's configuration.
+the head's and the LoRA adapters' configurations.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bbu_jax.models import lora as lora_lib
 from bbu_jax.models import weights
 from bbu_jax.models.config import Qwen25VLConfig
 from bbu_jax.models.detection_head import (DetectionHead, DetectionHeadConfig, DetectionLossWeights,
@@ -32,9 +33,9 @@ class BBUModel(Qwen25VL):
 
   def __init__(self, config: Qwen25VLConfig, *, detection: DetectionHeadConfig | None = None,
                rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
-               attention_impl: str = "xla"):
+               attention_impl: str = "xla", lora: lora_lib.LoraConfig | None = None):
     super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
-                     attention_impl=attention_impl)
+                     attention_impl=attention_impl, lora=lora)
     self.detection_config = detection
     self.detection_head = DetectionHead(detection, rngs=rngs, dtype=dtype) if detection else None
 
@@ -114,21 +115,29 @@ def loss_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weig
   outputs = dict(outputs, objectness_logits=jnp.where(slot_used[:, None], outputs["objectness_logits"], -30.0))
   det = detection_loss(model.detection_head, outputs, targets, model.language_model.embed_tokens.embedding[...],
                        det_weights)
-  matched = jnp.maximum(det["num_matched"], 1).astype(jnp.float32)
-  terms["bbox_l1_sum"] = det["bbox_l1_loss"] * matched
-  terms["giou_sum"] = det["giou_loss"] * matched
-  terms["objectness_sum"] = det["objectness_loss"] * matched
-  if "caption_loss" in det:
-    terms["caption_sum"] = det["caption_loss"] * matched
+  for name in ("bbox_l1_sum", "giou_sum", "objectness_sum", "caption_sum"):
+    if name in det:
+      terms[name] = det[name]
   return terms
+
+
+def global_normalizers(batch: dict[str, Array], *, eos_token_id: int) -> dict[str, Array]:
+  """Denominators of the detection losses over the WHOLE batch (all micro-batches), so that gradient
+  accumulation equals one large batch: the matched boxes (every real object is matched, since the
+  config keeps detection_num_queries >= max_objects) and the caption tokens of those objects."""
+  valid = batch["det_box_valid"]
+  matched = valid.sum().astype(jnp.float32)
+  tokens = (caption_mask(batch["det_caption_ids"], eos_token_id) * valid[..., None]).sum()
+  return {"bbox_l1": matched, "giou": matched, "objectness": matched, "caption": tokens}
 
 
 # --- Checkpoint ------------------------------------------------------------------------------------------
 
 
 def extras_dict(model: BBUModel) -> dict[str, Any]:
-  det = model.detection_config
-  return {"detection_head": dataclasses.asdict(det) if det else None}
+  det, lora = model.detection_config, model.lora_config
+  return {"detection_head": dataclasses.asdict(det) if det else None,
+          "lora": lora.to_dict() if lora else None}
 
 
 def save(model: BBUModel, out_dir: str | pathlib.Path, *, source_dir: str | pathlib.Path | None = None) -> pathlib.Path:
@@ -148,11 +157,12 @@ def load(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=None, shard
     return model
   extras = json.loads(extras_path.read_text())
   det = DetectionHeadConfig(**extras["detection_head"]) if extras.get("detection_head") else None
+  lora = lora_lib.LoraConfig.from_dict(extras.get("lora"))
   config = weights.read_config(path)
   param_dtype = dtype if param_dtype is None else param_dtype
   abstract = nnx.eval_shape(lambda: BBUModel(config, detection=det, rngs=nnx.Rngs(0), dtype=dtype,
                                              param_dtype=param_dtype, remat_policy=remat_policy,
-                                             attention_impl=attention_impl))
+                                             attention_impl=attention_impl, lora=lora))
   pure = weights.load_checkpoint_params(path, config, abstract, shardings=shardings)
   graphdef, params = nnx.split(abstract, nnx.Param)
   nnx.replace_by_pure_dict(params, pure)

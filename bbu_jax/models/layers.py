@@ -28,22 +28,35 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, s
     value = jnp.ones(shape, dtype)
   else:
     raise ValueError(f"unknown init {init!r}")
-  return nnx.Param(value, sharding_names=tuple(axes))
+  return nnx.Param(value, out_sharding=tuple(axes))
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias). `kernel` is (in, out): the transpose of torch's nn.Linear.weight."""
+  """y = x @ kernel (+ bias). `kernel` is (in, out): the transpose of torch's nn.Linear.weight.
+
+  With `lora_rank` > 0 it also holds a LoRA adapter (see bbu_jax.models.lora) and adds
+  `lora_scale` * (x @ lora_a) @ lora_b; lora_b starts at zero, so a fresh adapter changes nothing.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
-               use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+               use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32, lora_rank: int = 0, lora_scale: float = 0.0):
     self.kernel = param(rngs, (in_features, out_features), axes)
     self.bias = param(rngs, (out_features,), (axes[1],), init="zeros") if use_bias else None
     self.dtype = dtype  # compute dtype
+    if lora_rank > 0:
+      # The variance of PEFT's default (kaiming-uniform) A, so learning rates carry over from it.
+      self.lora_a = param(rngs, (in_features, lora_rank), (axes[0], "lora_rank"), std=(3 * in_features) ** -0.5)
+      self.lora_b = param(rngs, (lora_rank, out_features), ("lora_rank", axes[1]), init="zeros")
+      self.lora_scale = lora_scale
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if hasattr(self, "lora_a"):
+      low_rank = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+      y = y + self.lora_scale * jnp.dot(low_rank, self.lora_b[...].astype(self.dtype))
     return y
 
 

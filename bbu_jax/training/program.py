@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from bbu_jax.data import packing as packing_lib
-from bbu_jax.models import bbu_model, weights
+from bbu_jax.models import bbu_model, lora, weights
 from bbu_jax.models.config import Qwen25VLConfig
 from bbu_jax.models.detection_head import DetectionHeadConfig, DetectionLossWeights
 from bbu_jax.parallel import sharding
@@ -46,10 +46,12 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
   compute_dtype = jnp.bfloat16 if config.bf16 else jnp.float32
   remat = "full" if config.gradient_checkpointing else "none"
   attention_impl = "cudnn" if (config.use_flash_attention and platform == "gpu") else "xla"
+  lora_config = lora.from_run_config(config)
 
   def make_model():
     return bbu_model.BBUModel(model_config, detection=det_config, rngs=nnx.Rngs(config.seed), dtype=compute_dtype,
-                              param_dtype=jnp.float32, remat_policy=remat, attention_impl=attention_impl)
+                              param_dtype=jnp.float32, remat_policy=remat, attention_impl=attention_impl,
+                              lora=lora_config)
 
   optimizer, schedules = optimizer_lib.make_optimizer(config, total_steps)
   is_trainable = optimizer_lib.is_trainable(config)
@@ -57,7 +59,9 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
 
   def init_state(pretrained: dict | None = None) -> step_lib.TrainState:
     model = make_model()
-    if pretrained is not None:  # the language/vision weights of model_path; the head stays freshly initialized
+    # The language/vision weights of model_path; the head and LoRA adapters (absent from `pretrained`,
+    # so replace_by_pure_dict leaves them) stay freshly initialized.
+    if pretrained is not None:
       params = nnx.state(model, nnx.Param)
       pure = params.to_pure_dict()
       pure.update({k: v for k, v in pretrained.items()})
@@ -80,9 +84,13 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
   loss_weights = step_lib.LossWeights(teacher_loss_weight=config.teacher_loss_weight,
                                       student_loss_weight=config.student_loss_weight,
                                       detection_bbox_weight=config.detection_bbox_weight,
-                                      detection_caption_weight=config.detection_caption_weight)
+                                      detection_caption_weight=config.detection_caption_weight,
+                                      objectness_weight=det_weights.objectness_weight)
   terms = lambda model, micro, rng: bbu_model.loss_terms(model, micro, rng, det_weights=det_weights)
-  train_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, terms, loss_weights, schedules),
+  normalizers = None
+  if det_config is not None:
+    normalizers = lambda batch: bbu_model.global_normalizers(batch, eos_token_id=model_config.eos_token_id)
+  train_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, terms, loss_weights, schedules, normalizers),
                        in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                        donate_argnums=(0,))
   return Program(make_model=make_model, graphdef=graphdef, abstract_state=abstract_state,

@@ -36,6 +36,7 @@ class LossWeights:
   student_loss_weight: float = 1.0
   detection_bbox_weight: float = 10.0
   detection_caption_weight: float = 1.0
+  objectness_weight: float = 2.0
 
 
 def token_cross_entropy(logits: Array, targets: Array) -> Array:
@@ -65,12 +66,14 @@ def lm_normalizer(batch: dict, w: LossWeights) -> Array:
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     loss_terms: Callable[[nnx.Module, dict, Array], dict[str, Array]],
-                    weights: LossWeights, schedules: dict[str, optax.Schedule]) -> Callable:
+                    weights: LossWeights, schedules: dict[str, optax.Schedule],
+                    normalizers_fn: Callable[[dict], dict[str, Array]] | None = None) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
   `batch` arrays carry a leading micro-batch axis (gradient_accumulation_steps, rows, ...).
   `loss_terms(model, micro_batch, rng)` returns sums and counts: at least `lm_loss_sums`'s keys; the
-  detection head adds `<name>_sum` / `<name>_count` pairs (bbox_l1, giou, objectness, caption).
+  detection head adds `<name>_sum` terms (bbox_l1, giou, objectness, caption) whose denominators over
+  the whole batch `normalizers_fn(batch)` returns.
   """
 
   def objective(trainable, frozen, micro, rng, normalizers):
@@ -80,7 +83,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
           + weights.student_loss_weight * terms["student_lm_sum"]) / normalizers["lm"]
     total = lm
     for name, weight in (("bbox_l1", weights.detection_bbox_weight), ("giou", weights.detection_bbox_weight),
-                         ("objectness", 1.0), ("caption", weights.detection_caption_weight)):
+                         ("objectness", weights.objectness_weight), ("caption", weights.detection_caption_weight)):
       if f"{name}_sum" in terms:
         total = total + weight * terms[f"{name}_sum"] / normalizers[name]
     return total, terms
@@ -89,10 +92,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     normalizers = {"lm": jnp.maximum(lm_normalizer(batch, weights), 1e-9)}
-    for name, count_key in (("bbox_l1", "det_box_valid"), ("giou", "det_box_valid"),
-                            ("caption", "det_box_valid"), ("objectness", "det_box_valid")):
-      if count_key in batch:
-        normalizers[name] = jnp.maximum(jnp.sum(batch[count_key].astype(jnp.float32)), 1.0)
+    if normalizers_fn is not None:
+      normalizers.update({k: jnp.maximum(v, 1.0) for k, v in normalizers_fn(batch).items()})
     rng, step_rng = jax.random.split(state.rng)
     num_micro = jax.tree.leaves(batch)[0].shape[0]
     micro_rngs = jax.random.split(step_rng, num_micro)

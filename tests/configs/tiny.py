@@ -36,10 +36,10 @@ def get_config():
   c.model_max_length = 512
   c.patch_budget = 256
   c.max_samples_per_row = 4
-  c.max_objects = 48
+  c.max_objects = 32
   c.teacher_ratio = 0.5
   c.detection_enabled = True
-  c.detection_num_queries = 8
+  c.detection_num_queries = 32
   c.detection_layers = 1
   c.detection_width = 32
 
