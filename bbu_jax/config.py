@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic.num_val = 0
   c.synthetic.num_teacher = 0
   c.synthetic.scale = 1.0
+  c.synthetic.profile = "real"  # "real" (the real records' figures) or "demo" (large equipment only)
   c.skip_invalid_records = False  # refuse files with problems unless told to skip them
   c.model_max_length = 2048
   c.collator_type = "packed"  # "packed" | "padded"

@@ -56,7 +56,8 @@ def prepare_data(config) -> None:
     log.info("generating the synthetic dataset into %s (%d train, %d val, %d teacher images)", config.data_root,
              config.synthetic.num_train, config.synthetic.num_val, config.synthetic.num_teacher)
     synthetic.generate(config.data_root, config.synthetic.num_train, config.synthetic.num_val,
-                       config.synthetic.num_teacher, seed=config.seed, scale=config.synthetic.scale, progress=True)
+                       config.synthetic.num_teacher, seed=config.seed, scale=config.synthetic.scale,
+                       profile=config.synthetic.profile, progress=True)
   _barrier("synthetic data")
 
 

@@ -19,7 +19,8 @@ def get_config():
   c.synthetic.num_train = 512
   c.synthetic.num_val = 32
   c.synthetic.num_teacher = 16
-  c.synthetic.scale = 0.25
+  c.synthetic.scale = 0.5
+  c.synthetic.profile = "demo"  # large equipment only: learnable from scratch in minutes on a CPU
 
   c.model.text_hidden_size = 128
   c.model.text_layers = 2
