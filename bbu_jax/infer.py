@@ -5,7 +5,8 @@
       [--temperature 0] [--top_p 1.0] [--seed 0]
 
 The output is DESIGN.md's responses format: boxes in the image FILE's frame, a score per object from
-its tokens' log-probabilities, the raw text, the parse error, the teachers shown. A row whose image
+its tokens' log-probabilities, the raw text, the parse error, the teachers shown, and `head_prediction`
+when the checkpoint has a detection head (bbu_jax.models.bbu_model). A row whose image
 cannot be read or whose prompt is over --model_max_length comes back with `error` and no prediction;
 the rest of the batch completes.
 """
@@ -30,11 +31,12 @@ from flax import nnx
 from bbu_jax.data import images as images_lib
 from bbu_jax.data import records as records_lib
 from bbu_jax.data.chat import ChatConfig, ChatProcessor, ImageLoader
+from bbu_jax.data.geometry import scale_box
 from bbu_jax.data.teachers import sample_teachers
 from bbu_jax.data.tokenizer import Tokenizer
 from bbu_jax.decode import scoring
-from bbu_jax.decode.generate import GenerationSettings, Generator, make_prompt_batch
-from bbu_jax.models.qwen2_5_vl import Qwen25VL, bucket
+from bbu_jax.decode.generate import GenerationSettings, Generator, PromptBatch, make_prompt_batch
+from bbu_jax.models.qwen2_5_vl import Qwen25VL, bucket, scatter_image_features
 from bbu_jax.models.vision import stack_vision_metadata, vision_metadata
 from bbu_jax.parallel import sharding
 
@@ -103,6 +105,94 @@ def ground_truth(record: dict) -> list[dict]:
       item[geometry["kind"]] = list(geometry["points"])
     out.append(item)
   return out
+
+
+def load_inference_model(model_path: str | os.PathLike, dtype) -> Qwen25VL:
+  """The model of a bbu_jax checkpoint (with its detection head when it was trained with one) or of a
+  Hugging Face directory."""
+  from bbu_jax.models import bbu_model
+  return bbu_model.load(model_path, dtype=dtype)
+
+
+def detection_head_of(model) -> Any:
+  """The model's detection head, or None (plain Qwen2.5-VL, or a checkpoint trained without one)."""
+  return getattr(model, "detection_head", None)
+
+
+def head_memory_masks(batch: PromptBatch, prompts: Sequence[dict], image_token_id: int, vision_start_token_id: int,
+                      im_end_token_id: int, merge_unit: int) -> tuple[np.ndarray, np.ndarray]:
+  """What the detection head reads per row, as in training (ChatProcessor's student_text_mask and
+  image_is_student): the student's user content, from its <|vision_start|> up to the <|im_end|> closing
+  the turn, and the merged features of the student's image (the last image of the row).
+  Returns text_valid (B, S) and vision_valid (B, P // merge_unit) bool (filler rows: a copy of row 0)."""
+  b, s = batch.input_ids.shape
+  text_valid = np.zeros((b, s), bool)
+  merged = batch.vision_meta["merged_valid"]
+  vision_valid = np.zeros(merged.shape, bool)
+  for row in range(b):
+    prompt = prompts[row if row < len(prompts) else 0]
+    ids = np.asarray(prompt["input_ids"])
+    start = int(np.flatnonzero(ids == vision_start_token_id)[-1])
+    end = int(np.flatnonzero(ids == im_end_token_id)[-1])
+    offset = s - len(ids)
+    text_valid[row, offset + start:offset + end] = True
+    student_tokens = int(np.prod(np.asarray(prompt["image_grid_thw"])[-1])) // merge_unit
+    valid_index = np.flatnonzero(merged[row])
+    vision_valid[row, valid_index[len(valid_index) - student_tokens:]] = True
+  return text_valid, vision_valid
+
+
+class HeadPredictor:
+  """Detection-head predictions for a prompt batch: boxes (normalised cx, cy, w, h in the resized frame),
+  objectness probabilities and greedy captions, from one forward pass over the prompts."""
+
+  def __init__(self, model: Qwen25VL):
+    self.head = detection_head_of(model)
+    if self.head is None:
+      raise ValueError("the model has no detection head")
+    self.config = model.config
+    graphdef, self.state = nnx.split(model)
+    eos = model.config.eos_token_id
+
+    def predict(state, batch, text_valid, vision_valid):
+      m = nnx.merge(graphdef, state)
+      embeds = m.language_model.embed_tokens(batch["input_ids"])
+      features = m.visual(batch["pixel_values"].astype(m.dtype), batch["vision_meta"])
+      embeds = scatter_image_features(embeds, batch["input_ids"] == m.config.image_token_id, features,
+                                      batch["vision_meta"]["merged_valid"])
+      hidden = m.language_model(embeds, batch["positions"], batch["segment_ids"])
+      out = m.detection_head(hidden, text_valid, features, vision_valid)
+      caption_ids, caption_lengths = m.detection_head.generate_captions(
+          out["query_states"], m.language_model.embed_tokens.embedding[...], eos_token_id=eos)
+      return out["pred_boxes_cxcywh"], jax.nn.sigmoid(out["objectness_logits"]), caption_ids, caption_lengths
+
+    self._predict = jax.jit(predict)
+
+  def __call__(self, batch: PromptBatch, prompts: Sequence[dict], tokenizer: Tokenizer) -> tuple[np.ndarray, ...]:
+    special = tokenizer.special
+    text_valid, vision_valid = head_memory_masks(batch, prompts, special.image_token_id,
+                                                 special.vision_start_token_id, special.im_end_token_id,
+                                                 self.config.vision.merge_unit)
+    s = batch.prompt_bucket
+    segment_ids = (np.arange(s)[None, :] >= s - batch.prompt_lengths[:, None]).astype(np.int32)
+    arrays = {"input_ids": batch.input_ids, "positions": batch.positions, "segment_ids": segment_ids,
+              "pixel_values": batch.pixel_values, "vision_meta": batch.vision_meta}
+    return tuple(np.asarray(x) for x in self._predict(self.state, arrays, text_valid, vision_valid))
+
+
+def head_objects(boxes_cxcywh: np.ndarray, scores: np.ndarray, caption_ids: np.ndarray, caption_lengths: np.ndarray,
+                 tokenizer: Tokenizer, processor: ChatProcessor, record: dict) -> list[dict]:
+  """One row's queries as {"bbox_2d" (file frame), "desc", "score"}, most confident first."""
+  file_size = (int(record["width"]), int(record["height"]))
+  model_w, model_h = processor.resized_size(*file_size)
+  objects = []
+  for q in np.argsort(-scores, kind="stable"):
+    cx, cy, w, h = (float(v) for v in boxes_cxcywh[q])
+    box = [(cx - w / 2) * model_w, (cy - h / 2) * model_h, (cx + w / 2) * model_w, (cy + h / 2) * model_h]
+    desc = tokenizer.decode(caption_ids[q, :caption_lengths[q]], skip_special_tokens=True)
+    objects.append({"bbox_2d": scale_box(box, (model_w, model_h), file_size), "desc": desc,
+                    "score": float(scores[q])})
+  return objects
 
 
 # --- Teachers -----------------------------------------------------------------------------------------
@@ -221,7 +311,6 @@ def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root
   `options` are the other InferenceConfig fields (max_new_tokens, temperature, top_p,
   teacher_selection, seed, model_max_length, prompt_language, min_pixels, max_pixels, dtype).
   """
-  from bbu_jax.models.weights import load_model
   from tqdm import tqdm
 
   config = InferenceConfig(batch_size=batch_size, num_teachers=num_teachers if teacher_pool_file else 0,
@@ -229,7 +318,9 @@ def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root
   if num_teachers and not teacher_pool_file:
     raise ValueError("--num_teachers needs --teacher_pool_file")
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-  model, model_config = load_model(model_path, dtype=dtype)
+  model = load_inference_model(model_path, dtype)
+  model_config = model.config
+  head_predictor = HeadPredictor(model) if detection_head_of(model) is not None else None
   tokenizer = load_tokenizer_for(model_path, model_config)
   image_config = images_lib.ImageProcessorConfig(min_pixels=config.min_pixels, max_pixels=config.max_pixels)
   processor = ChatProcessor(tokenizer, ChatConfig(prompt_language=config.prompt_language, images=image_config))
@@ -276,9 +367,10 @@ def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root
     chunk = records[batch_start:batch_start + rows_per_batch]
     prompts, ready, slots = [], [], [None] * len(chunk)
     for offset, record in enumerate(chunk):
-      teachers = [pool[i] for i in choose_teachers(batch_start + offset, record)] if pool else []
-      teacher_ids = [t["id"] for t in teachers]
-      try:
+      teacher_ids: list[str] = []
+      try:  # similar-teacher selection reads the student's image too
+        teachers = [pool[i] for i in choose_teachers(batch_start + offset, record)] if pool else []
+        teacher_ids = [t["id"] for t in teachers]
         prompt = processor.build_inference_prompt(record, teachers, image_loader=loader)
       except (ValueError, OSError) as error:
         failed = _sample(record, teacher_ids)
@@ -297,9 +389,12 @@ def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root
       batch = make_prompt_batch(prompts, model_config, batch_size=rows_per_batch)
       output = generator.generate(batch, settings, seed=config.seed,
                                   row_seeds=np.arange(batch_start, batch_start + rows_per_batch))
+      head = head_predictor(batch, prompts, tokenizer) if head_predictor is not None else None
       for row, (offset, record, teacher_ids) in enumerate(ready):
         slots[offset] = response_sample(record, teacher_ids, processor, output.row_tokens(row),
                                         output.row_log_probs(row))
+        if head is not None:
+          slots[offset]["head_prediction"] = head_objects(*(x[row] for x in head), tokenizer, processor, record)
         generated_tokens += int(output.lengths[row])
     samples.extend(slots)
     bar.update(len(chunk))
@@ -315,6 +410,7 @@ def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root
       "config": {**dataclasses.asdict(config), "input_jsonl": str(input_jsonl), "data_root": data_root,
                  "teacher_pool_file": teacher_pool_file, "devices": len(jax.devices()),
                  "compilations": generator.trace_count, "seconds": round(elapsed, 3),
+                 "detection_head": head_predictor is not None,
                  "generated_tokens": generated_tokens},
       "samples": samples,
   }

@@ -203,3 +203,53 @@ def test_bad_arguments_are_refused_with_one_message(setup, tmp_path, capsys):
                      "--output_file", str(tmp_path / "o.json"), "--num_teachers", "2"])
   assert code == 2 and "--num_teachers needs --teacher_pool_file" in capsys.readouterr().err
   assert not (tmp_path / "o.json").exists()
+
+
+def test_head_reads_the_student_turn_as_in_training(setup):
+  processor = ChatProcessor(setup["tokenizer"], setup["chat_config"])
+  loader = ImageLoader(setup["data"])
+  val, pool = setup["val"], setup["pool"]
+  prompts = [processor.build_inference_prompt(val[0], pool[:2], image_loader=loader),
+             processor.build_inference_prompt(val[1], [], image_loader=loader)]
+  model_config = load_model(setup["model_dir"])[1]
+  batch = make_prompt_batch(prompts, model_config, batch_size=3)
+  sp = setup["tokenizer"].special
+  text_valid, vision_valid = infer.head_memory_masks(batch, prompts, sp.image_token_id, sp.vision_start_token_id,
+                                                     sp.im_end_token_id, 4)
+  for row, (record, teachers) in enumerate([(val[0], pool[:2]), (val[1], [])]):
+    training = processor.build_training_sample(record, teachers, image_loader=loader)
+    n = len(prompts[row]["input_ids"])
+    np.testing.assert_array_equal(text_valid[row, -n:], training["student_text_mask"][:n])
+    assert not text_valid[row, :-n].any()
+    student_tokens = int(np.prod(training["image_grid_thw"][-1])) // 4
+    merged = np.flatnonzero(batch.vision_meta["merged_valid"][row])
+    np.testing.assert_array_equal(np.flatnonzero(vision_valid[row]), merged[-student_tokens:])
+  np.testing.assert_array_equal(text_valid[2], text_valid[0])  # the filler row copies row 0
+
+
+def test_a_checkpoint_with_a_detection_head_gets_head_predictions(setup, tmp_path):
+  from flax import nnx
+  from bbu_jax.models import bbu_model
+  from bbu_jax.models.detection_head import DetectionHeadConfig
+  from bbu_jax.models.weights import read_config
+  head = DetectionHeadConfig(hidden_size=64, num_queries=5, width=32, num_layers=1, num_heads=4, mlp_dim=64,
+                             adapter_dim=8, caption_max_len=6, caption_layers=1)
+  model = bbu_model.BBUModel(read_config(setup["model_dir"]), detection=head, rngs=nnx.Rngs(0))
+  checkpoint = bbu_model.save(model, tmp_path / "ckpt", source_dir=setup["model_dir"])
+  inputs = tmp_path / "input.jsonl"
+  records_lib.write_jsonl(inputs, [records_lib.export_record(r) for r in setup["val"][:2]])
+  output = tmp_path / "responses.json"
+  responses = infer.run_inference(str(checkpoint), str(inputs), str(output), str(setup["data"]), batch_size=2,
+                                  max_new_tokens=3, max_pixels=MAX_PIXELS, progress=False)
+  assert responses["config"]["detection_head"] is True
+  for sample, record in zip(responses["samples"], setup["val"]):
+    predictions = sample["head_prediction"]
+    assert len(predictions) == 5
+    scores = [p["score"] for p in predictions]
+    assert scores == sorted(scores, reverse=True) and all(0 < v < 1 for v in scores)
+    for p in predictions:
+      x1, y1, x2, y2 = p["bbox_2d"]
+      assert 0 <= x1 <= x2 <= record["width"] and 0 <= y1 <= y2 <= record["height"] and isinstance(p["desc"], str)
+  metrics = tmp_path / "metrics.json"
+  assert evaluate.main(["--responses_file", str(output), "--output_file", str(metrics), "--source", "head"]) == 0
+  assert json.loads(metrics.read_text())["evaluation_info"]["total_pred_objects"] <= 10
