@@ -253,3 +253,16 @@ def test_a_checkpoint_with_a_detection_head_gets_head_predictions(setup, tmp_pat
   metrics = tmp_path / "metrics.json"
   assert evaluate.main(["--responses_file", str(output), "--output_file", str(metrics), "--source", "head"]) == 0
   assert json.loads(metrics.read_text())["evaluation_info"]["total_pred_objects"] <= 10
+
+
+def test_evaluate_runs_inference_first_with_model_path(setup, tmp_path):
+  """bbu_jax.evaluate --model_path ... calls run_inference with its own arguments, then scores."""
+  inputs = tmp_path / "input.jsonl"
+  records_lib.write_jsonl(inputs, [records_lib.export_record(setup["val"][1])])
+  metrics = tmp_path / "metrics.json"
+  code = evaluate.main(["--model_path", str(setup["model_dir"]), "--input_jsonl", str(inputs), "--data_root",
+                        str(setup["data"]), "--output_file", str(metrics), "--batch_size", "1"])
+  assert code == 0
+  responses = json.loads((tmp_path / "metrics.responses.json").read_text(encoding="utf-8"))
+  assert [s["id"] for s in responses["samples"]] == [setup["val"][1]["id"]]
+  assert json.loads(metrics.read_text())["evaluation_info"]["total_samples"] == 1
