@@ -4,7 +4,9 @@
       [--max_shard_size 5GB] [--source_dir DIR]
 
 Tokenizer/processor files and generation_config.json are copied from --source_dir (default: the
-checkpoint directory, where hf_to_flax put them).
+checkpoint directory, where hf_to_flax put them). A trained model's LoRA adapters are merged into the
+weights they adapt; its detection head has no Hugging Face counterpart and stays in the bbu_jax
+checkpoint only.
 """
 
 from __future__ import annotations
@@ -14,7 +16,19 @@ import sys
 
 import jax.numpy as jnp
 
+DETECTION_HEAD = "detection_head"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def export_transform(lora_config):
+  """The param transform of an export: LoRA merged into its base kernels, the detection head left out."""
+  from bbu_jax.models import lora
+
+  def transform(pure: dict) -> dict:
+    pure = {name: value for name, value in pure.items() if name != DETECTION_HEAD}
+    return lora.merge(pure, lora_config)
+
+  return transform
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,17 +40,22 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--source_dir", default=None, help="tokenizer/processor files to copy (default: --checkpoint)")
   args = parser.parse_args(argv)
 
-  from bbu_jax.models import weights
+  from bbu_jax.models import bbu_model, weights
   try:
     weights.parse_size(args.max_shard_size)
-    # Loading in the export dtype keeps host memory at one copy of the exported size.
-    model, config = weights.load_model(args.checkpoint, dtype=DTYPES[args.dtype])
+    # Loading in the export dtype keeps host memory at one copy of the exported size (LoRA merges in
+    # float32 one kernel at a time).
+    model = bbu_model.load(args.checkpoint, dtype=DTYPES[args.dtype])
   except ValueError as e:
     print(f"flax_to_hf: error: {e}", file=sys.stderr)
     return 1
-  out = weights.save_hf(model, config, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                        source_dir=args.source_dir or args.checkpoint)
-  print(f"flax_to_hf: wrote Hugging Face directory {out} ({args.dtype})")
+  lora_config = getattr(model, "lora_config", None)
+  out = weights.save_hf(model, model.config, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                        source_dir=args.source_dir or args.checkpoint, transform_params=export_transform(lora_config))
+  notes = [f"LoRA rank {lora_config.rank} merged into {', '.join(lora_config.targets)}"] if lora_config else []
+  if getattr(model, "detection_head", None) is not None:
+    notes.append("detection head not exported (transformers has no counterpart; it stays in the checkpoint)")
+  print(f"flax_to_hf: wrote Hugging Face directory {out} ({args.dtype})" + "".join(f"; {n}" for n in notes))
   return 0
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from bbu_jax.models import layers, rope
 from bbu_jax.models.config import Qwen25VLConfig
+from bbu_jax.models.lora import LoraConfig
 from bbu_jax.models.text import TextDecoder, cast_params
 from bbu_jax.models.vision import VisionTower, stack_vision_metadata, vision_metadata
 
@@ -40,18 +41,23 @@ def scatter_image_features(inputs_embeds: Array, image_token_mask: Array, featur
 
 
 class Qwen25VL(nnx.Module):
-  """Qwen2_5_VLForConditionalGeneration in Flax NNX: `visual`, `language_model`, `lm_head` (None when tied)."""
+  """Qwen2_5_VLForConditionalGeneration in Flax NNX: `visual`, `language_model`, `lm_head` (None when tied).
+
+  `lora` (rank > 0) adds LoRA adapters to the decoder projections it targets; `lora_config` keeps it.
+  """
 
   def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat_policy: str = "none", attention_impl: str = "xla"):
+               remat_policy: str = "none", attention_impl: str = "xla", lora: LoraConfig | None = None):
     if config.vision.out_hidden_size != config.text.hidden_size:
       raise ValueError(f"vision out_hidden_size {config.vision.out_hidden_size} differs from the text "
                        f"hidden_size {config.text.hidden_size}")
     self.config = config
     self.dtype = dtype
+    self.lora_config = lora if lora is not None and lora.enabled else None
     self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, remat_policy=remat_policy)
     self.language_model = TextDecoder(config.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                      remat_policy=remat_policy, attention_impl=attention_impl)
+                                      remat_policy=remat_policy, attention_impl=attention_impl,
+                                      lora=self.lora_config)
     if config.tie_word_embeddings:
       self.lm_head = None
     else:

@@ -13,6 +13,7 @@ from flax import nnx
 
 from bbu_jax.models import layers, rope
 from bbu_jax.models.config import TextConfig
+from bbu_jax.models.lora import LoraConfig
 
 Array = jax.Array
 
@@ -64,23 +65,31 @@ class Embedding(nnx.Module):
     return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
+def _lora_kwargs(lora: LoraConfig | None, projection: str) -> dict:
+  """layers.Linear's adapter arguments for one named projection."""
+  if lora is None or not lora.rank_for(projection):
+    return {}
+  return {"lora_rank": lora.rank_for(projection), "lora_scale": lora.scale}
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with q/k/v bias and no o_proj bias (Qwen2)."""
 
-  def __init__(self, config: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla"):
+  def __init__(self, config: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla",
+               lora: LoraConfig | None = None):
     embed, head_dim = config.hidden_size, config.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, head_dim
     if config.num_attention_heads % config.num_key_value_heads:
       raise ValueError(f"num_attention_heads {config.num_attention_heads} is not a multiple of "
                        f"num_key_value_heads {config.num_key_value_heads}")
     self.q_proj = layers.Linear(embed, self.num_heads * head_dim, axes=("embed", "heads"), use_bias=True,
-                                rngs=rngs, dtype=dtype)
+                                rngs=rngs, dtype=dtype, **_lora_kwargs(lora, "q_proj"))
     self.k_proj = layers.Linear(embed, self.num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=True,
-                                rngs=rngs, dtype=dtype)
+                                rngs=rngs, dtype=dtype, **_lora_kwargs(lora, "k_proj"))
     self.v_proj = layers.Linear(embed, self.num_kv_heads * head_dim, axes=("embed", "kv_heads"), use_bias=True,
-                                rngs=rngs, dtype=dtype)
+                                rngs=rngs, dtype=dtype, **_lora_kwargs(lora, "v_proj"))
     self.o_proj = layers.Linear(self.num_heads * head_dim, embed, axes=("heads", "embed"), use_bias=False,
-                                rngs=rngs, dtype=dtype)
+                                rngs=rngs, dtype=dtype, **_lora_kwargs(lora, "o_proj"))
     self.attention_impl = attention_impl
 
   def project(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
@@ -104,13 +113,16 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU without biases: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, config: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, config: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, lora: LoraConfig | None = None):
     if config.hidden_act != "silu":
       raise ValueError(f"text hidden_act {config.hidden_act!r} is not supported (Qwen2.5-VL uses 'silu')")
     embed, mlp = config.hidden_size, config.intermediate_size
-    self.gate_proj = layers.Linear(embed, mlp, axes=("embed", "mlp"), use_bias=False, rngs=rngs, dtype=dtype)
-    self.up_proj = layers.Linear(embed, mlp, axes=("embed", "mlp"), use_bias=False, rngs=rngs, dtype=dtype)
-    self.down_proj = layers.Linear(mlp, embed, axes=("mlp", "embed"), use_bias=False, rngs=rngs, dtype=dtype)
+    self.gate_proj = layers.Linear(embed, mlp, axes=("embed", "mlp"), use_bias=False, rngs=rngs, dtype=dtype,
+                                   **_lora_kwargs(lora, "gate_proj"))
+    self.up_proj = layers.Linear(embed, mlp, axes=("embed", "mlp"), use_bias=False, rngs=rngs, dtype=dtype,
+                                 **_lora_kwargs(lora, "up_proj"))
+    self.down_proj = layers.Linear(mlp, embed, axes=("mlp", "embed"), use_bias=False, rngs=rngs, dtype=dtype,
+                                   **_lora_kwargs(lora, "down_proj"))
 
   def __call__(self, x: Array) -> Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -119,12 +131,13 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, config: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla"):
+  def __init__(self, config: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla",
+               lora: LoraConfig | None = None):
     eps = config.rms_norm_eps
     self.input_layernorm = layers.RMSNorm(config.hidden_size, eps=eps, axis_name="embed", rngs=rngs)
-    self.self_attn = Attention(config, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
+    self.self_attn = Attention(config, rngs=rngs, dtype=dtype, attention_impl=attention_impl, lora=lora)
     self.post_attention_layernorm = layers.RMSNorm(config.hidden_size, eps=eps, axis_name="embed", rngs=rngs)
-    self.mlp = MLP(config, rngs=rngs, dtype=dtype)
+    self.mlp = MLP(config, rngs=rngs, dtype=dtype, lora=lora)
 
   def mlp_block(self, x: Array) -> Array:
     return x + self.mlp(self.post_attention_layernorm(x))
@@ -139,11 +152,11 @@ class TextDecoder(nnx.Module):
 
   `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters; `remat_policy` names a
   policy of REMAT_POLICIES applied to each scanned layer; `attention_impl` is passed to
-  layers.dot_product_attention.
+  layers.dot_product_attention; `lora` puts adapters on the projections it targets.
   """
 
   def __init__(self, config: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat_policy: str = "none", attention_impl: str = "xla"):
+               remat_policy: str = "none", attention_impl: str = "xla", lora: LoraConfig | None = None):
     checkpoint_policy(remat_policy)  # a bad name fails at construction, not at the first step
     self.config = config
     self.dtype = dtype
@@ -153,7 +166,7 @@ class TextDecoder(nnx.Module):
     @nnx.split_rngs(splits=config.num_hidden_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(layer_rngs):
-      return DecoderLayer(config, rngs=layer_rngs, dtype=dtype, attention_impl=attention_impl)
+      return DecoderLayer(config, rngs=layer_rngs, dtype=dtype, attention_impl=attention_impl, lora=lora)
 
     self.layers = make_layers(rngs)
     self.norm = layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axis_name="embed", rngs=rngs)
