@@ -86,7 +86,7 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
                                       detection_bbox_weight=config.detection_bbox_weight,
                                       detection_caption_weight=config.detection_caption_weight,
                                       objectness_weight=det_weights.objectness_weight)
-  terms = lambda model, micro, rng: bbu_model.loss_terms(model, micro, rng, det_weights=det_weights)
+  terms = lambda model, micro, rng: bbu_model.loss_terms(at_current_trace(model), micro, rng, det_weights=det_weights)
   normalizers = None
   if det_config is not None:
     normalizers = lambda batch: bbu_model.global_normalizers(batch, eos_token_id=model_config.eos_token_id)
@@ -96,6 +96,14 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
   return Program(make_model=make_model, graphdef=graphdef, abstract_state=abstract_state,
                  state_shardings=state_shardings, init_state=jax.jit(init_state, out_shardings=state_shardings),
                  train_step=train_step, schedules=schedules)
+
+
+def at_current_trace(model: nnx.Module) -> nnx.Module:
+  """The same model rebuilt from its values. The step differentiates only the trainable parameters, so
+  frozen ones (a frozen decoder under LoRA, a frozen vision tower) arrive from an outer trace level,
+  and the NNX transforms inside the model (the scanned layers) refuse a graph that mixes two levels."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.tree.map(lambda value: value, state))
 
 
 def load_pretrained_params(config, model_config: Qwen25VLConfig, program: Program) -> dict:
