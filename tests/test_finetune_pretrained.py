@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 
 import _tiny_models as tm  # noqa: E402
+from convert_weights import flax_to_hf  # noqa: E402
 from bbu_jax.data import records as records_lib  # noqa: E402
 from bbu_jax.data import synthetic  # noqa: E402
 from bbu_jax.data.chat import ChatConfig, tokenizer_training_texts  # noqa: E402
@@ -58,7 +59,8 @@ def pretrained_dir(path: pathlib.Path, run_config) -> pathlib.Path:
       text_config=dict(
           vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
           num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=4096,
-          hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+          hidden_act="silu",
+          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
           bos_token_id=ids.bos_token_id, eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id,
           tie_word_embeddings=True),
       vision_config=dict(
@@ -88,7 +90,6 @@ def run(*args, root):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), BBU_TEST_ROOT=str(root))
   out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +123,12 @@ def test_base_weights_stay_the_pretrained_ones_and_only_adapters_and_head_train(
       {p for p in trained if p[0] == "detection_head"}
 
 
-def test_export_merges_adapters_and_transformers_gives_our_logits(finetuned):
+def test_export_merges_adapters_and_transformers_gives_our_logits(finetuned, capsys):
   root, hf_path, run_dir = finetuned
   out_dir = root / "exported"
-  out = run("convert_weights.flax_to_hf", "--checkpoint", str(run_dir / "model"), "--out_dir", str(out_dir),
-            "--dtype", "float32", root=root)
-  assert f"LoRA rank {LORA_RANK} merged" in out.stdout and "detection head not exported" in out.stdout
+  assert flax_to_hf.main(["--checkpoint", str(run_dir / "model"), "--out_dir", str(out_dir), "--dtype", "float32"]) == 0
+  printed = capsys.readouterr().out
+  assert f"LoRA rank {LORA_RANK} merged" in printed and "detection head not exported" in printed
   index = json.loads((out_dir / weights.INDEX_FILE).read_text())
   assert not [k for k in index["weight_map"] if "lora" in k or "detection" in k]
   assert (out_dir / "tokenizer.json").is_file()
@@ -157,6 +158,7 @@ def test_export_merges_adapters_and_transformers_gives_our_logits(finetuned):
     before = original(**kwargs).logits.double().numpy()
   error = np.linalg.norm(theirs - logits) / np.linalg.norm(logits)
   change = np.linalg.norm(before - logits) / np.linalg.norm(logits)
-  print(f"\nfine-tuned export vs our adapted model: relative error {error:.2e} (fine-tuning moved logits by {change:.2e})")
+  print(f"\nfine-tuned export vs our adapted model: relative error {error:.2e} "
+        f"(fine-tuning moved the logits by {change:.2e})")
   assert error < 1e-5
   assert change > 10 * error  # the merged adapters are in the export, not just the pretrained weights

@@ -2,10 +2,6 @@
 fresh adapter changing nothing, merging, and the merged export matching transformers' logits."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,11 +14,11 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import _tiny_models as tm  # noqa: E402
+from convert_weights import flax_to_hf  # noqa: E402
 from bbu_jax.models import bbu_model, layers, lora, weights  # noqa: E402
 from bbu_jax.models.qwen2_5_vl import PretrainedQwen25VL  # noqa: E402
 from bbu_jax.training import optimizer as optimizer_lib  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 ALL_TARGETS = lora.LoraConfig(rank=3, alpha=6.0, targets=lora.TARGETS)
 
 
@@ -173,7 +169,7 @@ def test_config_refuses_unknown_targets_and_round_trips():
   assert ALL_TARGETS.scale == 2.0
 
 
-def test_checkpoint_keeps_adapters_and_the_export_command_merges_them(hf_dir, tmp_path):
+def test_checkpoint_keeps_adapters_and_the_export_command_merges_them(hf_dir, tmp_path, capsys):
   # bbu_model.save records the LoRA config in bbu_jax.json; flax_to_hf merges the adapters, and
   # transformers' model of the export gives our adapted model's logits.
   _, path = hf_dir
@@ -186,12 +182,9 @@ def test_checkpoint_keeps_adapters_and_the_export_command_merges_them(hf_dir, tm
   assert restored.lora_config == ALL_TARGETS
   np.testing.assert_array_equal(np.asarray(PretrainedQwen25VL(restored, config)(ids, mask, pixels, grids)), adapted)
 
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  out = subprocess.run([sys.executable, "-m", "convert_weights.flax_to_hf", "--checkpoint", str(checkpoint),
-                        "--out_dir", str(tmp_path / "hf_out"), "--dtype", "float32"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr
-  assert "LoRA rank 3 merged" in out.stdout
+  assert flax_to_hf.main(["--checkpoint", str(checkpoint), "--out_dir", str(tmp_path / "hf_out"),
+                          "--dtype", "float32"]) == 0
+  assert "LoRA rank 3 merged" in capsys.readouterr().out
   exported = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
       tmp_path / "hf_out", attn_implementation="eager", dtype=torch.float32).eval()
   assert not any("lora" in name for name, _ in exported.named_parameters())
