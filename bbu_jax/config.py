@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher_loss_weight = 0.3
   c.student_loss_weight = 1.0
   c.prompt_language = "zh"
+  c.label_hierarchy = "default"  # the system prompt's hierarchy: "default", "data" (training labels) or a JSON file
   c.min_pixels = 4 * 28 * 28
   c.max_pixels = 512 * 28 * 28
   c.patch_budget = 0  # patches per row; 0 = derived from max_pixels and num_teacher_samples
@@ -135,7 +136,7 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
   return config
 
 
-def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None, num_processes: int = 1) -> None:
   """Refuses values that cannot work, naming the field. Called once at the start of a run."""
 
   def fail(field, why):
@@ -197,3 +198,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
       fail("mesh", f"at most one axis may be -1, got {autos}")
     if num_devices % fixed or (not autos and fixed != num_devices):
       fail("mesh", f"data*fsdp*tensor = {fixed} does not divide across the {num_devices} devices")
+    sizes = {a: num_devices // fixed if c.mesh[a] == -1 else c.mesh[a] for a in ("data", "fsdp", "tensor")}
+    global_rows = c.per_device_train_batch_size * sizes["data"] * sizes["fsdp"]
+    if global_rows % num_processes:
+      fail("per_device_train_batch_size", f"the global batch of {global_rows} rows (per_device_train_batch_size "
+           f"{c.per_device_train_batch_size} x data {sizes['data']} x fsdp {sizes['fsdp']}) does not divide "
+           f"across {num_processes} processes")

@@ -22,9 +22,8 @@ from flax import nnx
 from bbu_jax import config as config_lib
 from bbu_jax.data import packing as packing_lib
 from bbu_jax.data import pipeline as pipeline_lib
-from bbu_jax.data import synthetic, validate
+from bbu_jax.data import labels, synthetic, validate
 from bbu_jax.data.chat import ChatConfig, ChatProcessor, tokenizer_training_texts
-from bbu_jax.data.images import ImageProcessorConfig
 from bbu_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from bbu_jax.models import bbu_model, weights
 from bbu_jax.models.config import Qwen25VLConfig, TextConfig, VisionConfig, named_config
@@ -76,6 +75,22 @@ def load_split(path: str, config, run_dir: pathlib.Path, name: str) -> list[dict
   log.info("%s: %d records, %d objects from %s%s", name, len(records), sum(len(r["objects"]) for r in records),
            path, f" ({len(report.bad_lines)} rejected, see rejected_{name}.jsonl)" if report.bad_lines else "")
   return records
+
+
+def label_hierarchy(config, records: Sequence[dict]) -> dict[str, list[str]] | None:
+  """The hierarchy the system prompt names: the default one, the training data's own labels, or a file."""
+  if config.label_hierarchy == "default":
+    return None
+  if config.label_hierarchy == "data":
+    hierarchy: dict[str, set[str]] = {}
+    for record in records:
+      for obj in record["objects"]:
+        object_type, _, rest = obj["desc"].partition("/")
+        hierarchy.setdefault(object_type, set())
+        if rest:
+          hierarchy[object_type].add(rest)
+    return {k: sorted(v) for k, v in sorted(hierarchy.items())}
+  return labels.load_label_hierarchy(config.label_hierarchy)
 
 
 def build_tokenizer(config, run_dir: pathlib.Path, records: Sequence[dict], chat_config: ChatConfig) -> Tokenizer:
@@ -151,7 +166,7 @@ def train(config) -> dict:
   """Runs training (and the final evaluation) for a locked config; returns the final metrics."""
   # ===== Setup ===============================================================================
   distributed.initialize_distributed()
-  config_lib.validate(config, num_devices=jax.device_count())
+  config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   run_dir = pathlib.Path(config.output_dir) / config.run_name
   is_main = jax.process_index() == 0
   if is_main:
@@ -167,8 +182,7 @@ def train(config) -> dict:
   train_records = load_split(config.train_data_path, config, run_dir, "train")
   load_split(config.val_data_path, config, run_dir, "val")  # refuse a bad validation file now, not after training
   teacher_pool = load_split(config.teacher_pool_file, config, run_dir, "teacher_pool") if config.teacher_ratio > 0 else []
-  chat_config = ChatConfig(prompt_language=config.prompt_language,
-                           images=ImageProcessorConfig(min_pixels=config.min_pixels, max_pixels=config.max_pixels))
+  chat_config = pipeline_lib.chat_config_from(config, label_hierarchy(config, train_records))
   tokenizer = build_tokenizer(config, run_dir, train_records + teacher_pool, chat_config)
   processor = ChatProcessor(tokenizer, chat_config)
   model_config = build_model_config(config, tokenizer)
@@ -176,15 +190,13 @@ def train(config) -> dict:
 
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   global_rows = config.per_device_train_batch_size * data_parallel
-  if global_rows % jax.process_count():
-    raise config_lib.ConfigError(f"config field per_device_train_batch_size: the global batch of {global_rows} "
-                                 f"rows does not divide across {jax.process_count()} processes")
   host_rows = global_rows // jax.process_count() * config.gradient_accumulation_steps
   patch_budget = config.patch_budget or pipeline_lib.default_patch_budget(config.model_max_length, model_config.vision)
   packing_config = packing_lib.PackingConfig(
       model_max_length=config.model_max_length, patch_budget=patch_budget, patch_dim=model_config.vision.patch_dim,
       max_samples_per_row=config.max_samples_per_row, max_objects=config.max_objects,
       max_caption_tokens=chat_config.max_caption_tokens, collator_type=config.collator_type)
+  pipeline_lib.check_samples_can_fit(train_records, processor, packing_config)
   pipeline_config = pipeline_lib.PipelineConfig(
       batch_size=host_rows, packing=packing_config, seed=config.seed, num_epochs=config.num_train_epochs,
       teacher_ratio=config.teacher_ratio, num_teacher_samples=config.num_teacher_samples,
@@ -259,6 +271,7 @@ def train(config) -> dict:
         metrics["tokens_per_s"] = window_tokens * jax.process_count() / max(elapsed, 1e-9)
         metrics["packing_efficiency"] = packing_lib.packing_efficiency(host_batch)
         metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / _peak_flops(jax.device_count())
+        metrics["rejected_samples"] = len(packing_lib.read_rejects(pipeline_config.rejects_path))  # this host's
         writer.write(step, metrics)
         progress.report(step, metrics)
         window_tokens, window_t0, last_metrics = 0, time.perf_counter(), metrics
@@ -282,6 +295,11 @@ def train(config) -> dict:
   model = nnx.merge(graphdef, state.trainable, state.frozen)
   if is_main:
     bbu_model.save(model, model_dir, source_dir=config.model_path or (run_dir / "tokenizer"))
+    # What the prompts were built with: inference must build the very same ones.
+    (model_dir / "chat_config.json").write_text(json.dumps(
+        {"prompt_language": chat_config.prompt_language, "min_pixels": config.min_pixels,
+         "max_pixels": config.max_pixels, "label_hierarchy": dict(chat_config.label_hierarchy),
+         "model_max_length": config.model_max_length}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     log.info("saved the trained model (bbu_jax checkpoint with tokenizer) to %s", model_dir)
   result = {"step": step, **{k: float(v) for k, v in last_metrics.items()}}
   if config.eval_after_training and config.val_data_path and is_main:
@@ -290,21 +308,28 @@ def train(config) -> dict:
 
 
 def evaluate_after_training(config, model_dir: pathlib.Path, run_dir: pathlib.Path) -> dict:
-  """Inference on the validation split, then metrics from the text answers and from the head."""
+  """Inference on the validation split, then metrics from the text answers and from the head, through
+  the same command-line entry points a user runs (`bbu_jax.infer`, `bbu_jax.evaluate`)."""
   from bbu_jax import evaluate as evaluate_lib
   from bbu_jax import infer as infer_lib
   eval_dir = run_dir / "eval"
   eval_dir.mkdir(parents=True, exist_ok=True)
   responses = eval_dir / "responses.json"
-  infer_lib.run_inference(model_path=str(model_dir), input_jsonl=config.val_data_path, output_file=str(responses),
-                          data_root=config.data_root, batch_size=config.eval_batch_size,
-                          max_new_tokens=config.max_new_tokens)
+  log.info("inference on %s with the trained model", config.val_data_path)
+  status = infer_lib.main(["--model_path", str(model_dir), "--input_jsonl", config.val_data_path,
+                           "--output_file", str(responses), "--data_root", config.data_root or ".",
+                           "--batch_size", str(config.eval_batch_size), "--max_new_tokens", str(config.max_new_tokens)])
+  if status:
+    raise RuntimeError(f"inference on {config.val_data_path} failed with status {status}")
   out = {}
-  sources = ["lm"] + (["head"] if config.detection_enabled else [])
-  for source in sources:
+  for source in ["lm"] + (["head"] if config.detection_enabled else []):
     metrics_file = eval_dir / f"metrics_{source}.json"
-    metrics = evaluate_lib.evaluate_responses_file(str(responses), str(metrics_file), source=source)
-    print(f"evaluation ({'text answers' if source == 'lm' else 'detection head'}): "
+    status = evaluate_lib.main(["--responses_file", str(responses), "--output_file", str(metrics_file),
+                                "--source", source])
+    if status:
+      raise RuntimeError(f"evaluation of {responses} ({source}) failed with status {status}")
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    print(f"evaluation ({'text answers' if source == 'lm' else 'detection head'}), {metrics_file}: "
           + json.dumps(metrics["overall_metrics"], ensure_ascii=False), flush=True)
     out[source] = metrics["overall_metrics"]
   return out
@@ -383,16 +408,47 @@ def main(argv: Sequence[str] | None = None) -> int:
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "a config file with get_config()", lock_config=True)
 
+  def parse_flags(args):
+    try:
+      return flags.FLAGS(args)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names no field of the locked config
+      text = str(e.args[0] if e.args else e)
+      hint = "; " + text[text.find("Did you mean"):].rstrip("'\"") if "Did you mean" in text else ""
+      fields = ", ".join(_unknown_overrides(args)) or "a --config.FIELD override"
+      sys.exit(f"bbu_jax.train: config error: config field {fields}: no such field{hint}")
+
   def run(_):
     config = flags.FLAGS.config
-    if config is None:
-      raise config_lib.ConfigError("--config is required, e.g. --config configs/exp.py")
-    result = train(config)
+    try:
+      if config is None:
+        raise config_lib.ConfigError("--config is required, e.g. --config configs/exp.py")
+      result = train(config)
+    except config_lib.ConfigError as e:
+      sys.exit(f"bbu_jax.train: config error: {e}")  # one line, no traceback: the message names the field
     if result.get("stopped"):
       sys.exit(128 + signal.SIGTERM)  # supervisors read a non-zero exit as "not finished: run again"
 
-  app.run(run, argv=list(sys.argv if argv is None else [sys.argv[0], *argv]))
+  app.run(run, argv=list(sys.argv if argv is None else [sys.argv[0], *argv]), flags_parser=parse_flags)
   return 0
+
+
+def _unknown_overrides(args: Sequence[str]) -> list[str]:
+  """The `--config.FIELD=...` names of the command line that the config file does not define."""
+  path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+  if path is None:
+    return []
+  config = config_lib.load_config_file(*path.split(":", 1))
+  unknown = []
+  for arg in args:
+    if arg.startswith("--config."):
+      field = arg[len("--config."):].split("=", 1)[0]
+      node = config
+      for part in field.split("."):
+        if not hasattr(node, "keys") or part not in node.keys():
+          unknown.append(field)
+          break
+        node = node[part]
+  return unknown
 
 
 if __name__ == "__main__":

@@ -115,6 +115,10 @@ def tokenizer_training_texts(records: Sequence[dict], config: ChatConfig = ChatC
   return texts
 
 
+class ImageReadError(ValueError):
+  """An image file that is missing or cannot be decoded; the message names the record and the file."""
+
+
 class ImageLoader:
   """Reads a record's image from `data_root` (the record's single path is relative to it)."""
 
@@ -125,7 +129,10 @@ class ImageLoader:
     path = pathlib.Path(record["images"][0])
     if self.data_root is not None and not path.is_absolute():
       path = self.data_root / path
-    return images_lib.load_image(path)
+    try:
+      return images_lib.load_image(path)
+    except ValueError as e:  # files change after validation (deleted, truncated): say which record
+      raise ImageReadError(f"record {record.get('id')}: {e}") from e
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ COLLATOR_TYPES = ("packed", "padded")
 REJECT_TOO_LONG = "too many tokens"
 REJECT_TOO_MANY_PATCHES = "too many image patches"
 REJECT_TOO_MANY_OBJECTS = "too many objects"
+REJECT_IMAGE = "unreadable image"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +183,8 @@ def packing_efficiency(batch: dict) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Rejected:
-  """A sample that cannot fit a row; travels through the pipeline so it is logged, never lost."""
+  """A sample that cannot fit a row or whose image cannot be read; travels through the pipeline so it
+  is logged, never lost."""
 
   index: int
   epoch: int

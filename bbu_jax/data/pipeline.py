@@ -24,10 +24,11 @@ O = max_objects, L = max_caption_tokens):
   det_caption_ids    (B, K, O, L)  int32    desc tokens + eos, 0 padded
   sample_ids         (B, K)        int64    indices into the record source of each slot's sample, -1 = empty
 Rows are "packed" (first-fit decreasing over windows of `packing_window` samples) or "padded" (one
-sample per row; same shapes). Samples that cannot fit a row are logged to `rejects_path` with the
-reason and skipped. The worker count does not change the batches (packing happens after the workers,
-in the main process), but a saved iterator state restores only into a pipeline built the same way:
-same records, config, process count, batch size and worker count.
+sample per row; same shapes). Samples that cannot fit a row, or whose image can no longer be read
+(deleted or truncated after validation), are logged to `rejects_path` with the reason and skipped.
+The worker count does not change the batches (packing happens after the workers, in the main process),
+but a saved iterator state restores only into a pipeline built the same way: same records, config,
+process count, batch size and worker count.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from bbu_jax.config import ConfigError
 from bbu_jax.data import packing
-from bbu_jax.data.chat import ChatConfig, ChatProcessor, ImageLoader
+from bbu_jax.data.chat import ChatConfig, ChatProcessor, ImageLoader, ImageReadError
 from bbu_jax.data.images import ImageProcessorConfig
 from bbu_jax.data.teachers import sample_teachers
 from bbu_jax.models.config import VisionConfig
@@ -114,6 +116,25 @@ def pipeline_config_from(c, vision_config: VisionConfig, *, batch_size: int, is_
                         rejects_path=rejects_path)
 
 
+def check_samples_can_fit(records: Sequence[dict], processor: ChatProcessor, config: packing.PackingConfig, *,
+                          num_records: int = 16) -> None:
+  """Refuses at start a model_max_length or patch_budget that not even the smallest of the first
+  records fits (without teachers), rather than rejecting every sample once training runs."""
+  sample = list(records[:num_records])
+  if not sample:
+    return
+  tokens = [len(processor.tokenizer.encode(processor.training_text(r))) for r in sample]
+  merge_unit = processor.config.images.merge_size ** 2
+  patches = [processor.config.images.num_image_tokens(r["height"], r["width"]) * merge_unit for r in sample]
+  if min(tokens) > config.model_max_length:
+    raise ConfigError(f"config field model_max_length: {config.model_max_length} tokens is shorter than the "
+                      f"smallest of the first {len(sample)} training samples ({min(tokens)} tokens: system "
+                      f"prompt, one image, user prompt and answer)")
+  if min(patches) > config.patch_budget:
+    raise ConfigError(f"config field patch_budget: {config.patch_budget} patches is smaller than the smallest "
+                      f"image of the first {len(sample)} training samples ({min(patches)} patches)")
+
+
 class EpochShuffledIndices(grain.MapDataset):
   """(epoch, index) pairs: every record once per epoch, in a fresh permutation of (seed, epoch)."""
 
@@ -168,7 +189,10 @@ class SampleBuilder:
                                       teacher_ratio=cfg.teacher_ratio, num_teacher_samples=cfg.num_teacher_samples,
                                       is_training=cfg.is_training)
     teachers = [self.teacher_pool[i] for i in teacher_indices]
-    sample = self.processor.build_training_sample(record, teachers, self.image_loader)
+    try:
+      sample = self.processor.build_training_sample(record, teachers, self.image_loader)
+    except ImageReadError as e:  # an image gone bad since validation: skip the sample, keep training
+      return packing.Rejected(index=index, epoch=epoch, id=str(record["id"]), reason=f"{packing.REJECT_IMAGE}: {e}")
     reason = packing.rejection_reason(sample, cfg.packing)
     if reason is not None:
       return packing.Rejected(index=index, epoch=epoch, id=str(record["id"]), reason=reason)

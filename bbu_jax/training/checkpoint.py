@@ -3,15 +3,17 @@
 One layout for every run: `<run_dir>/checkpoints/<step>/{state,data,meta}`. Saves are asynchronous;
 the newest `keep_last` checkpoints and the best one by validation loss are kept. A checkpoint becomes
 visible only once complete (orbax writes to a temporary folder and renames), and a latest checkpoint
-that cannot be read is reported and skipped in favour of the previous one.
+that cannot be read is reported, skipped in favour of the previous one, and moved aside.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
@@ -58,7 +60,7 @@ class Checkpointer:
     steps = [step] if step is not None else self.all_steps()[::-1]
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    errors = []
+    errors, unreadable = [], []
     for s in steps:
       try:
         restored = self.manager.restore(
@@ -66,11 +68,26 @@ class Checkpointer:
                                        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         if errors:
           log.warning("restored checkpoint %d after skipping unreadable newer ones: %s", s, "; ".join(errors))
+          self._set_aside(unreadable)
         return s, restored["state"], restored["data"], restored["meta"]
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
         errors.append(f"step {s}: {type(e).__name__}: {e}")
+        unreadable.append(s)
         log.error("checkpoint %d in %s cannot be restored (%s: %s)", s, self.directory, type(e).__name__, e)
     raise RuntimeError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable checkpoints out of the step folder so the resumed run can save those steps again
+    (kept in `unreadable_checkpoints/` beside it for a post-mortem)."""
+    if not isinstance(self.directory, pathlib.Path) or jax.process_index() != 0:
+      return  # object stores and other hosts: the step stays listed (a later save of it is refused)
+    for step in steps:
+      source = self.directory / str(step)
+      target = self.directory.parent / "unreadable_checkpoints" / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+      log.warning("moved unreadable checkpoint %d to %s", step, target)
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
