@@ -36,6 +36,7 @@ setup(
             "pytest>=8",
             "pytest-timeout",
             "hypothesis>=6",
+            "psutil>=5",
         ],
         "tpu": ["libtpu"],
     },
