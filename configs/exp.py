@@ -20,6 +20,7 @@ def get_config():
   c.synthetic.num_val = 32
   c.synthetic.num_teacher = 16
   c.synthetic.scale = 0.5
+  c.label_hierarchy = "data"  # name only the demo's labels: a shorter system prompt
   c.synthetic.profile = "demo"  # large equipment only: learnable from scratch in minutes on a CPU
 
   c.model.text_hidden_size = 128
