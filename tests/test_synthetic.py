@@ -145,3 +145,15 @@ def test_cli_writes_the_requested_sizes(tmp_path):
   assert len(raws) == 2 and all((r["width"], r["height"]) == (112, 84) for r in raws)
   assert (tmp_path / "teacher_pool.jsonl").read_text() == ""
   assert validate.validate_file(tmp_path / "val.jsonl", tmp_path).ok
+
+
+def test_demo_profile_draws_only_large_equipment(tmp_path):
+  summary = synthetic.generate(tmp_path, num_train=12, num_val=0, num_teacher=0, seed=3, scale=0.5, profile="demo")
+  assert summary["profile"] == "demo"
+  recs = records.load_records(tmp_path / "train.jsonl")[0]
+  counts = [len(r["objects"]) for r in recs]
+  assert min(counts) >= 1 and max(counts) <= 3
+  assert {o["desc"] for r in recs for o in r["objects"]} <= set(synthetic._DEMO_LABELS)
+  assert validate.validate_file(tmp_path / "train.jsonl", tmp_path).ok
+  with pytest.raises(ValueError, match="profile"):
+    synthetic.generate_sample(None, 56, 56, profile="easy")
