@@ -90,12 +90,19 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
   normalizers = None
   if det_config is not None:
     normalizers = lambda batch: bbu_model.global_normalizers(batch, eos_token_id=model_config.eos_token_id)
-  train_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, terms, loss_weights, schedules, normalizers),
+  step_fn = step_lib.make_train_step(graphdef, optimizer, terms, loss_weights, schedules, normalizers,
+                                     grad_shardings=state_shardings_for_grads(abstract_state, mesh))
+  train_step = jax.jit(step_fn,
                        in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                        donate_argnums=(0,))
   return Program(make_model=make_model, graphdef=graphdef, abstract_state=abstract_state,
                  state_shardings=state_shardings, init_state=jax.jit(init_state, out_shardings=state_shardings),
                  train_step=train_step, schedules=schedules)
+
+
+def state_shardings_for_grads(abstract_state: step_lib.TrainState, mesh):
+  """Gradients take the optimizer state's layout (sharded over data-parallel fsdp in both modes)."""
+  return sharding.tree_shardings(abstract_state.trainable, sharding.OPTIMIZER_RULES, mesh)
 
 
 def at_current_trace(model: nnx.Module) -> nnx.Module:

@@ -67,14 +67,22 @@ def lm_normalizer(batch: dict, w: LossWeights) -> Array:
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     loss_terms: Callable[[nnx.Module, dict, Array], dict[str, Array]],
                     weights: LossWeights, schedules: dict[str, optax.Schedule],
-                    normalizers_fn: Callable[[dict], dict[str, Array]] | None = None) -> Callable:
+                    normalizers_fn: Callable[[dict], dict[str, Array]] | None = None,
+                    grad_shardings: Any = None) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
   `batch` arrays carry a leading micro-batch axis (gradient_accumulation_steps, rows, ...).
   `loss_terms(model, micro_batch, rng)` returns sums and counts: at least `lm_loss_sums`'s keys; the
   detection head adds `<name>_sum` terms (bbox_l1, giou, objectness, caption) whose denominators over
   the whole batch `normalizers_fn(batch)` returns.
+  `grad_shardings` (the optimizer state's layout, trainable's tree) keeps the accumulated gradient
+  sharded: under zero2 each micro-batch's gradient is reduce-scattered, never all-reduced to full size.
   """
+
+  def constrain(grads):
+    if grad_shardings is None:
+      return grads
+    return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
   def objective(trainable, frozen, micro, rng, normalizers):
     model = nnx.merge(graphdef, trainable, frozen)
@@ -104,11 +112,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       trainable, frozen, grads_acc, loss_acc, terms_acc = carry
       micro, micro_rng = xs
       (loss, terms), grads = grad_fn(trainable, frozen, micro, micro_rng, normalizers)
-      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      grads_acc = constrain(jax.tree.map(jnp.add, grads_acc, constrain(grads)))
       terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
       return (trainable, frozen, grads_acc, loss_acc + loss, terms_acc), None
 
-    zero_grads = jax.tree.map(jnp.zeros_like, state.trainable)
+    zero_grads = constrain(jax.tree.map(jnp.zeros_like, state.trainable))
     first = jax.tree.map(lambda x: x[0], batch)
     terms_shape = jax.eval_shape(lambda t, f, m, r: objective(t, f, m, r, normalizers)[1],
                                  state.trainable, state.frozen, first, micro_rngs[0])
