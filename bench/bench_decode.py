@@ -11,6 +11,10 @@ prompts and images. EOS is suppressed on every side (transformers' `suppress_tok
 `suppress_token_ids`), so every request generates exactly --new_tokens tokens. Compilation (bbu_jax's
 first call) and transformers' first call are excluded from the timings and reported apart. Tokens/s =
 generated tokens / wall time of the whole generation (prefill included). The last line is one JSON object.
+
+Threads: torch uses --torch_threads (2 = this machine's cores); XLA's CPU client uses all cores unless
+XLA_FLAGS=--xla_cpu_multi_thread_eigen=false (then compare with --torch_threads 1). The load average is
+recorded: on a shared machine, oversubscribed torch threads slow transformers far more than XLA.
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ def main(argv=None) -> dict:
   requests = make_requests(args.requests)
   n_tokens = args.requests * args.new_tokens
   figures: dict = {"requests": args.requests, "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads(),
-                   "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend()}
+                   "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
+                   "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_at_start": os.getloadavg()[0]}
 
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
@@ -164,6 +169,7 @@ def main(argv=None) -> dict:
                                                    for i in range(args.requests)))
   figures["rows_equal_to_hf_batched"] = int(sum(np.array_equal(ours.tokens[i], batched[i])
                                                 for i in range(args.requests)))
+  figures["load_average_at_end"] = os.getloadavg()[0]  # other processes on the machine skew both sides
   figures["bbu_jax_tokens_per_s"] = round(n_tokens / figures["bbu_jax_s"], 1)
   figures["hf_per_sample_tokens_per_s"] = round(n_tokens / figures["hf_per_sample_s"], 1)
   figures["hf_batched_tokens_per_s"] = round(n_tokens / figures["hf_batched_s"], 1)
