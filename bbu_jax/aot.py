@@ -24,7 +24,6 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
 
 from bbu_jax import config as config_lib  # noqa: E402
-from bbu_jax.data import packing as packing_lib  # noqa: E402
 from bbu_jax.data import pipeline as pipeline_lib  # noqa: E402
 from bbu_jax.models.config import Qwen25VLConfig  # noqa: E402
 from bbu_jax.parallel import sharding  # noqa: E402
@@ -196,12 +195,8 @@ class Compiler:
     self.program = program_lib.build_program(config, self.model_config, det_config, self.mesh, total_steps=1000,
                                              platform="tpu")
     self.state = self.program.abstract_sharded_state()
-    vision = self.model_config.vision
-    patch_budget = config.patch_budget or pipeline_lib.default_patch_budget(config.model_max_length, vision)
-    self.packing_config = packing_lib.PackingConfig(
-        model_max_length=config.model_max_length, patch_budget=patch_budget, patch_dim=vision.patch_dim,
-        max_samples_per_row=config.max_samples_per_row, max_objects=config.max_objects,
-        collator_type=config.collator_type)
+    # The rows the training pipeline would pack (patch budget derived from max_pixels as it does).
+    self.packing_config = pipeline_lib.pipeline_config_from(config, self.model_config.vision, batch_size=1).packing
     trainable = dict(jax.tree_util.tree_flatten_with_path(self.program.abstract_state.trainable)[0])
     frozen = dict(jax.tree_util.tree_flatten_with_path(self.program.abstract_state.frozen)[0])
     self.head_params = sum(int(np.prod(v.shape)) for tree in (trainable, frozen) for p, v in tree.items()

@@ -149,7 +149,6 @@ def main(spec: dict) -> dict:
     start, state, _, _ = checkpointer.restore(abstract)
     checkpointer.close()
     out["restored_step"] = start
-    out["restored_q_proj_spec"] = str(jax.tree.leaves(state.trainable)[0].sharding.spec)
   else:
     state, start = program.init_state(None), 0
   for s in range(start, steps):
