@@ -1,0 +1,111 @@
+"""Soak: the tiny config trained for 3x its usual steps, a checkpoint every 3 steps (the newest 2 kept),
+killed in the middle and resumed. Host memory stays flat, no file descriptor leaks, and the checkpoint
+folder never holds more than save_total_limit finished checkpoints."""
+
+import json
+import os
+import pathlib
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = REPO / "tests" / "configs" / "tiny.py"
+STEPS = 30
+SAVE_STEPS = 3
+KEEP = 2
+KILL_AFTER = 16  # a SIGKILL once step 16 is logged: the resumed run restarts from checkpoint 15
+
+
+def _logged(metrics: pathlib.Path) -> list[int]:
+  return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+def _run_and_watch(root: pathlib.Path, kill_after: int | None) -> tuple[int, list[dict]]:
+  """Runs training, sampling (step, RSS, open fds, finished checkpoints) every 0.2 s; SIGKILL once
+  `kill_after` is logged. Returns the exit code and the samples."""
+  command = [sys.executable, "-m", "bbu_jax.train", f"--config={CONFIG}", f"--config.max_steps={STEPS}",
+             "--config.num_train_epochs=20", f"--config.save_steps={SAVE_STEPS}",
+             f"--config.save_total_limit={KEEP}"]
+  env = {**os.environ, "BBU_TEST_ROOT": str(root), "JAX_PLATFORMS": "cpu"}
+  run_dir = root / "runs" / "tiny"
+  proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  watched = psutil.Process(proc.pid)
+  samples = []
+  logged_before = len(_logged(run_dir / "metrics.jsonl"))  # a resumed run appends to the killed one's log
+  deadline = time.time() + 1200
+  try:
+    while proc.poll() is None and time.time() < deadline:
+      try:
+        if watched.status() == psutil.STATUS_ZOMBIE:  # exited: no memory or files left to measure
+          break
+        rss = watched.memory_info().rss
+        fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+      except (psutil.NoSuchProcess, FileNotFoundError):
+        break
+      logged = _logged(run_dir / "metrics.jsonl")[logged_before:]
+      step = logged[-1] if logged else 0
+      checkpoints = run_dir / "checkpoints"
+      finished = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
+      samples.append({"step": step, "rss": rss, "fds": fds, "checkpoints": finished})
+      if kill_after is not None and step >= kill_after:
+        proc.send_signal(signal.SIGKILL)
+        break
+      time.sleep(0.2)
+  finally:
+    if proc.poll() is None and (kill_after is None or time.time() >= deadline):
+      proc.kill()
+    proc.wait()
+  return proc.returncode, samples
+
+
+def _window(samples: list[dict], first: int, last: int) -> list[dict]:
+  return [s for s in samples if first <= s["step"] <= last]
+
+
+@pytest.mark.slow
+def test_soak_memory_flat_no_fd_leak_checkpoints_bounded(tmp_path):
+  code, first = _run_and_watch(tmp_path, kill_after=KILL_AFTER)
+  assert code == -signal.SIGKILL
+  code, second = _run_and_watch(tmp_path, kill_after=None)
+  assert code == 0
+  run_dir = tmp_path / "runs" / "tiny"
+  steps = _logged(run_dir / "metrics.jsonl")
+  assert sorted(set(steps)) == list(range(1, STEPS + 1)) and steps[-1] == STEPS
+  restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+  resumed_from = steps[restart] - 1  # the checkpoint the second process restored
+  assert resumed_from % SAVE_STEPS == 0 and resumed_from >= KILL_AFTER - 2 * SAVE_STEPS
+
+  figures = {}
+  for name, samples, first_step in (("before_kill", first, 1), ("after_resume", second, resumed_from + 1)):
+    last = max(s["step"] for s in samples)
+    third = first_step + (last - first_step) // 3
+    # Point samples swing with each checkpoint write, so compare a window of SAVE_STEPS steps a third
+    # of the way in with the last SAVE_STEPS steps: median and peak RSS, and the floor of open files
+    # (files come and go while a checkpoint is written; a leak shows as a rising floor).
+    early, late = _window(samples, third, third + SAVE_STEPS - 1), _window(samples, last - SAVE_STEPS + 1, last)
+    rss_early, rss_late = [s["rss"] / 2**20 for s in early], [s["rss"] / 2**20 for s in late]
+    figures[name] = {
+        "steps": [first_step, last], "third": third,
+        "rss_mib_median": [statistics.median(rss_early), statistics.median(rss_late)],
+        "rss_mib_peak": [max(rss_early), max(rss_late)],
+        "fds_floor": [min(s["fds"] for s in early), min(s["fds"] for s in late)],
+        "fds_peak": max(s["fds"] for s in samples),
+        "max_finished_checkpoints": max(len(s["checkpoints"]) for s in samples), "samples": len(samples)}
+  print("soak figures:", json.dumps(figures))
+  for name, f in figures.items():
+    for kind in ("rss_mib_median", "rss_mib_peak"):
+      early, late = f[kind]
+      assert late < 1.15 * early, (name, kind, f)
+    assert f["fds_floor"][1] <= f["fds_floor"][0], (name, f)
+    # A new checkpoint is renamed into place before the oldest is deleted: KEEP + 1 for a moment.
+    assert f["max_finished_checkpoints"] <= KEEP + 1, (name, f)
+  # Across the kill: the resumed process ends no bigger than the first one was a third of the way in.
+  assert figures["after_resume"]["rss_mib_peak"][1] < 1.15 * figures["before_kill"]["rss_mib_peak"][0]
+  final = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+  assert final == [str(STEPS - SAVE_STEPS), str(STEPS)]  # the newest save_total_limit, nothing half-written
