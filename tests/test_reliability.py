@@ -16,9 +16,13 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from bbu_jax import config as config_lib
-from bbu_jax.data import packing
+from bbu_jax.data import chat as chat_lib
+from bbu_jax.data import packing, pipeline, records, synthetic
+from bbu_jax.data import tokenizer as tk
+from bbu_jax.models.config import VisionConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "configs" / "tiny.py"
@@ -191,6 +195,33 @@ def test_images_deleted_or_truncated_after_validation_are_skipped_counted_and_lo
   assert all(row["rejected_samples"] == ref_count + 4 for row in metrics.values())
   log = (run_dir / "train.log").read_text()
   assert f"skipping sample {deleted['id']}" in log and f"skipping sample {truncated['id']}" in log
+
+
+def test_sample_builder_turns_unreadable_images_into_rejects(tmp_path):
+  root = tmp_path / "data"
+  synthetic.generate(root, num_train=4, num_val=1, num_teacher=2, seed=0, scale=0.2)
+  train, _ = records.load_records(root / "train.jsonl")
+  pool, _ = records.load_records(root / "teacher_pool.jsonl")
+  processor = chat_lib.ChatProcessor(tk.train_bpe_tokenizer(chat_lib.tokenizer_training_texts(train), 600))
+  vision = VisionConfig()
+  packing_config = packing.PackingConfig(model_max_length=4096, patch_budget=4096, patch_dim=vision.patch_dim)
+  builder = pipeline.SampleBuilder(train, pool, processor, chat_lib.ImageLoader(root),
+                                   pipeline.PipelineConfig(batch_size=1, packing=packing_config, teacher_ratio=1.0))
+  assert isinstance(builder((0, 0)), dict)  # with teachers
+  student, teacher = root / train[1]["images"][0], root / pool[0]["images"][0]
+  student.unlink()
+  data = (root / train[2]["images"][0]).read_bytes()
+  (root / train[2]["images"][0]).write_bytes(data[: len(data) // 3])
+  Image.new("RGB", (7, 9)).save(root / train[3]["images"][0])  # replaced by a file of another size
+  for index, words in ((1, ["No such file", str(student)]), (2, ["truncated"]), (3, ["7x9", "but the record says"])):
+    rejected = builder((1, index))
+    assert isinstance(rejected, packing.Rejected) and (rejected.index, rejected.epoch) == (index, 1)
+    assert rejected.reason.startswith(f"{packing.REJECT_IMAGE}: record {train[index]['id']}: ")
+    assert all(w in rejected.reason for w in words), rejected.reason
+  teacher.unlink()  # a teacher's image gone: the sample that drew it is skipped, naming the file
+  outcomes = [builder((epoch, 0)) for epoch in range(8)]  # each epoch draws one of the two teachers
+  rejected = [r for r in outcomes if isinstance(r, packing.Rejected)]
+  assert rejected and len(rejected) < len(outcomes) and all(str(teacher) in r.reason for r in rejected)
 
 
 # --- Configuration refused at start ----------------------------------------------------------------

@@ -116,7 +116,8 @@ def tokenizer_training_texts(records: Sequence[dict], config: ChatConfig = ChatC
 
 
 class ImageReadError(ValueError):
-  """An image file that is missing or cannot be decoded; the message names the record and the file."""
+  """An image file that is missing, cannot be decoded, or is not the size its record says; the message
+  names the record and the file."""
 
 
 class ImageLoader:
@@ -221,8 +222,8 @@ class ChatProcessor:
       if len(rec["images"]) != 1:
         raise ValueError(f"record {rec['id']}: expected exactly one image, got {len(rec['images'])}")
       image = image_loader(rec)
-      if image.size != _record_size(rec):
-        raise ValueError(f"record {rec['id']}: image {rec['images'][0]} is {image.size[0]}x{image.size[1]} "
+      if image.size != _record_size(rec):  # e.g. a file replaced after validation
+        raise ImageReadError(f"record {rec['id']}: image {rec['images'][0]} is {image.size[0]}x{image.size[1]} "
                          f"but the record says {rec['width']}x{rec['height']}")
       pv, grid = images_lib.process_image(image, self.config.images)
       pixel_values.append(pv)
