@@ -192,7 +192,7 @@ def test_torch_tensors_are_accepted(untied_window):
 from flax import nnx  # noqa: E402
 
 from bbu_jax.models import config as config_lib  # noqa: E402
-from bbu_jax.models import text  # noqa: E402
+from bbu_jax.models import layers  # noqa: E402
 from bbu_jax.models.qwen2_5_vl import Qwen25VL  # noqa: E402
 
 
@@ -229,10 +229,7 @@ def test_remat_policies_change_memory_not_results():
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
       # The same math, summed in a different order (vision grads are exactly zero on a text batch).
       assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
-  assert text.checkpoint_policy("dots_saveable") is jax.checkpoint_policies.dots_saveable
-  # One config value serves both stacks: the vision tower accepts exactly the decoder's names.
-  from bbu_jax.models import vision
-  assert vision.REMAT_POLICIES == text.REMAT_POLICIES
+  assert layers.checkpoint_policy("dots_saveable") is jax.checkpoint_policies.dots_saveable
   with pytest.raises(ValueError, match="remat_policy must be one of"):
     Qwen25VL(config, rngs=nnx.Rngs(0), remat_policy="everything")
 

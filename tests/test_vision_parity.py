@@ -14,6 +14,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 import bbu_jax  # noqa: F401  (project-wide flax settings)
+from bbu_jax.models import layers
 from bbu_jax.models import vision as V
 from bbu_jax.models.config import VisionConfig
 
@@ -271,7 +272,7 @@ def test_remat_policies_match():
     return jnp.sum(jnp.where(valid, tower(jnp.asarray(padded), meta), 0.0) ** 2)
 
   results = {}
-  for policy, checkpoint_policy in V.REMAT_POLICIES.items():
+  for policy, checkpoint_policy in layers.REMAT_POLICIES.items():
     tower = our_tower(config, model, remat_policy=policy)
     graphdef, params = nnx.split(tower)
     grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(nnx.merge(graphdef, p))))(params))

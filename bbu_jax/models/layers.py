@@ -15,6 +15,35 @@ from flax import nnx
 Array = jax.Array
 
 
+# Remat policy names from config (gradient_checkpointing) -> jax.checkpoint policies; one table for
+# every scanned stack (decoder, vision tower).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def checkpoint_policy(name: str):
+  """The jax.checkpoint policy for a config name; raises ValueError naming the known ones."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
+  return REMAT_POLICIES[name]
+
+
+def maybe_remat(fn, name: str):
+  """`fn` wrapped in nnx.remat with the named policy, or `fn` itself for "none".
+
+  prevent_cse=False: the scan around each stack already stops XLA from merging the recomputation
+  away; the extra barriers would only slow the step.
+  """
+  policy = checkpoint_policy(name)
+  if name == "none":
+    return fn
+  return nnx.remat(fn, policy=policy, prevent_cse=False)
+
+
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, std: float = 0.02,
           init: str = "normal", dtype=jnp.float32) -> nnx.Param:
   """A parameter with logical axis names; `init` is "normal" (std), "zeros" or "ones"."""

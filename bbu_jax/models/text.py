@@ -19,29 +19,6 @@ Array = jax.Array
 
 # Remat policy names accepted in configs (the same names as the vision tower's), mapped to
 # jax.checkpoint policies. "none": no rematerialisation; "full": save nothing, recompute everything.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def checkpoint_policy(name: str):
-  """The jax.checkpoint policy for a config name; raises ValueError naming the known ones."""
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
-  return REMAT_POLICIES[name]
-
-
-def maybe_remat(fn, name: str):
-  """`fn` wrapped in nnx.remat with the named policy, or `fn` itself for "none"."""
-  policy = checkpoint_policy(name)
-  if name == "none":
-    return fn
-  return nnx.remat(fn, policy=policy, prevent_cse=False)
-
-
 def cast_params(module: nnx.Module, dtype) -> None:
   """Store every floating parameter of `module` in `dtype` (the param dtype; compute dtype is separate)."""
   if dtype is None:
@@ -151,13 +128,13 @@ class TextDecoder(nnx.Module):
   """Qwen2_5_VLTextModel: embed_tokens, `layers` (one stacked DecoderLayer, leading axis = depth), norm.
 
   `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters; `remat_policy` names a
-  policy of REMAT_POLICIES applied to each scanned layer; `attention_impl` is passed to
+  policy of layers.REMAT_POLICIES applied to each scanned layer; `attention_impl` is passed to
   layers.dot_product_attention; `lora` puts adapters on the projections it targets.
   """
 
   def __init__(self, config: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                remat_policy: str = "none", attention_impl: str = "xla", lora: LoraConfig | None = None):
-    checkpoint_policy(remat_policy)  # a bad name fails at construction, not at the first step
+    layers.checkpoint_policy(remat_policy)  # a bad name fails at construction, not at the first step
     self.config = config
     self.dtype = dtype
     self.remat_policy = remat_policy
@@ -183,7 +160,7 @@ class TextDecoder(nnx.Module):
     def layer_step(layer: DecoderLayer, h: Array) -> Array:
       return layer(h, cos, sin, mask)
 
-    layer_step = maybe_remat(layer_step, self.remat_policy)
+    layer_step = layers.maybe_remat(layer_step, self.remat_policy)
 
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def scan_layers(layer: DecoderLayer, h: Array) -> Array:

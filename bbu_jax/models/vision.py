@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from bbu_jax.models.config import VisionConfig
+from bbu_jax.models import layers
 from bbu_jax.models.layers import Linear, RMSNorm, apply_rotary, dot_product_attention, make_attention_mask
 
 Array = jax.Array
@@ -220,21 +221,6 @@ class PatchMerger(nnx.Module):
     return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
-# The decoder's remat names (bbu_jax.models.text), so one config value serves both stacks.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def _checked_remat_policy(name: str) -> str:
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {name!r}")
-  return name
-
-
 def vision_rotary(rope_pos: Array, head_dim: int) -> tuple[Array, Array]:
   """cos, sin (..., P, head_dim) of transformers' axial 2D rope: [rows, cols, rows, cols] frequencies."""
   quarter = head_dim // 4
@@ -262,7 +248,8 @@ class VisionTower(nnx.Module):
       raise ValueError(f"fullatt_block_indexes {bad} are outside the {config.depth} vision blocks")
     self.config = config
     self.dtype = dtype
-    self.remat_policy = _checked_remat_policy(remat_policy)
+    layers.checkpoint_policy(remat_policy)  # a bad name fails at construction
+    self.remat_policy = remat_policy
     self.patch_embed = PatchEmbed(config, rngs=rngs, dtype=dtype)
 
     @nnx.split_rngs(splits=config.depth)
@@ -286,10 +273,7 @@ class VisionTower(nnx.Module):
     def block_forward(block: VisionBlock, h: Array, mask: Array) -> Array:
       return block(h, cos, sin, mask)
 
-    if self.remat_policy != "none":
-      # prevent_cse=False: scan already stops XLA from merging the recomputation away; the extra
-      # barriers would only slow the step.
-      block_forward = nnx.remat(block_forward, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+    block_forward = layers.maybe_remat(block_forward, self.remat_policy)
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def run_blocks(h: Array, block: VisionBlock, full: Array) -> Array:
