@@ -426,6 +426,11 @@ def load_model(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=None,
   `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the storage dtype.
   """
   path = pathlib.Path(path)
+  if (path / "bbu_jax.json").is_file():  # a trained model: its detection head and LoRA come along
+    from bbu_jax.models import bbu_model  # bbu_model builds on this module
+    model = bbu_model.load(path, dtype=dtype, param_dtype=param_dtype, shardings=shardings,
+                           remat_policy=remat_policy, attention_impl=attention_impl)
+    return model, model.config
   config = read_config(path)
   abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
                             attention_impl=attention_impl)
