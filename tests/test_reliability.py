@@ -15,6 +15,9 @@ import signal
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -23,6 +26,7 @@ from bbu_jax.data import chat as chat_lib
 from bbu_jax.data import packing, pipeline, records, synthetic
 from bbu_jax.data import tokenizer as tk
 from bbu_jax.models.config import VisionConfig
+from bbu_jax.training.checkpoint import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "configs" / "tiny.py"
@@ -159,6 +163,36 @@ def test_truncated_newest_checkpoint_is_reported_set_aside_and_the_previous_one_
   assert [p.name.split("-")[0] for p in aside] == ["6"]  # kept for a post-mortem, out of the step folder
   assert _steps(checkpoints) == [4, 5, 6]  # step 6 saved again, complete this time
   assert _losses(run_dir) == ref_losses  # step 6 recomputed from checkpoint 5: the same loss
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero"])
+def test_checkpointer_skips_and_sets_aside_a_damaged_newest_checkpoint(tmp_path, damage):
+  checkpointer = Checkpointer(tmp_path / "checkpoints", keep_last=3)
+  for step in (1, 2, 3):
+    checkpointer.save(step, {"w": jnp.arange(1000, dtype=jnp.float32) * step}, data_state={"step": step},
+                      meta={"step": step})
+  checkpointer.wait()
+  state_dir = tmp_path / "checkpoints" / "3" / "state"
+  data_files = [p for p in state_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+  largest = max(data_files, key=lambda p: p.stat().st_size)
+  size = largest.stat().st_size
+  if damage == "truncate":
+    with open(largest, "r+b") as f:
+      f.truncate(size // 2)
+  else:
+    largest.write_bytes(bytes(size))
+  abstract = {"w": jax.ShapeDtypeStruct((1000,), jnp.float32)}
+  step, state, data_state, meta = checkpointer.restore(abstract)
+  assert (step, data_state, meta) == (2, {"step": 2}, {"step": 2})
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(1000, dtype=np.float32) * 2)
+  assert checkpointer.all_steps() == [1, 2]
+  assert [p.name.split("-")[0] for p in (tmp_path / "unreadable_checkpoints").iterdir()] == ["3"]
+  # The resumed run saves step 3 again, and that one reads.
+  checkpointer.save(3, {"w": jnp.full((1000,), 7.0)}, data_state={"step": 3}, meta={"step": 3})
+  checkpointer.wait()
+  step, state, _, _ = checkpointer.restore(abstract)
+  assert step == 3 and float(state["w"][0]) == 7.0
+  checkpointer.close()
 
 
 # --- Data that goes bad after validation ---------------------------------------------------------

@@ -86,7 +86,8 @@ def _id_is_valid(value) -> bool:
 _MISSING = object()
 # validate_file does not check `id` yet (see test_validate_file_reports_a_bad_id), so the line fuzzing
 # keeps ids well formed; normalize_record's fuzzing above covers bad ids.
-_line = (_record.filter(lambda r: _id_is_valid(r.get("id", _MISSING))).map(lambda r: json.dumps(r, allow_nan=True, ensure_ascii=False))
+_line = (_record.filter(lambda r: _id_is_valid(r.get("id", _MISSING)))
+         .map(lambda r: json.dumps(r, allow_nan=True, ensure_ascii=False))
          | _json.map(lambda v: json.dumps(v, allow_nan=True))
          | st.text(max_size=40).filter(lambda t: "\n" not in t and "\r" not in t)
          | st.binary(max_size=30).filter(lambda b: b"\n" not in b))
