@@ -303,6 +303,14 @@ def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
   os.replace(tmp, path)
 
 
+def read_chat_config(model_path: str) -> dict:
+  """The prompt settings a bbu_jax training run saved beside its model (chat_config.json), or {}."""
+  path = pathlib.Path(model_path) / "chat_config.json"
+  if not path.is_file():
+    return {}
+  return json.loads(path.read_text(encoding="utf-8"))
+
+
 def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root: str | None = None,
                   batch_size: int = 8, teacher_pool_file: str | None = None, num_teachers: int = 0,
                   *, progress: bool = True, **options) -> dict:
@@ -313,6 +321,11 @@ def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root
   """
   from tqdm import tqdm
 
+  trained_chat = read_chat_config(model_path)
+  for key in ("prompt_language", "min_pixels", "max_pixels"):
+    if options.get(key) is None and key in trained_chat:
+      options[key] = trained_chat[key]  # the prompts the model was trained with
+  options = {k: v for k, v in options.items() if v is not None}
   config = InferenceConfig(batch_size=batch_size, num_teachers=num_teachers if teacher_pool_file else 0,
                            **options)
   if num_teachers and not teacher_pool_file:
@@ -323,7 +336,9 @@ def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root
   head_predictor = HeadPredictor(model) if detection_head_of(model) is not None else None
   tokenizer = load_tokenizer_for(model_path, model_config)
   image_config = images_lib.ImageProcessorConfig(min_pixels=config.min_pixels, max_pixels=config.max_pixels)
-  processor = ChatProcessor(tokenizer, ChatConfig(prompt_language=config.prompt_language, images=image_config))
+  hierarchy = {"label_hierarchy": trained_chat["label_hierarchy"]} if "label_hierarchy" in trained_chat else {}
+  processor = ChatProcessor(tokenizer, ChatConfig(prompt_language=config.prompt_language, images=image_config,
+                                                  **hierarchy))
   loader = ImageLoader(data_root)
   records, rejects = records_lib.load_records(input_jsonl, on_error="skip")
 
@@ -436,9 +451,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--top_p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--model_max_length", type=int, default=8192, help="longest prompt accepted, in tokens")
-  parser.add_argument("--prompt_language", choices=("zh", "en"), default="zh", help="as in training")
-  parser.add_argument("--min_pixels", type=int, default=images_lib.MIN_PIXELS, help="as in training")
-  parser.add_argument("--max_pixels", type=int, default=images_lib.MAX_PIXELS, help="as in training")
+  trained = "default: the model folder's chat_config.json (what training used), else "
+  parser.add_argument("--prompt_language", choices=("zh", "en"), default=None, help=trained + "zh")
+  parser.add_argument("--min_pixels", type=int, default=None, help=trained + str(images_lib.MIN_PIXELS))
+  parser.add_argument("--max_pixels", type=int, default=None, help=trained + str(images_lib.MAX_PIXELS))
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--no_progress", action="store_true")
   return parser.parse_args(argv)

@@ -5,6 +5,7 @@ similar-teacher selection and its cache, frames and scores of parsed answers."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -266,3 +267,17 @@ def test_evaluate_runs_inference_first_with_model_path(setup, tmp_path):
   responses = json.loads((tmp_path / "metrics.responses.json").read_text(encoding="utf-8"))
   assert [s["id"] for s in responses["samples"]] == [setup["val"][1]["id"]]
   assert json.loads(metrics.read_text())["evaluation_info"]["total_samples"] == 1
+
+
+def test_the_model_folders_chat_settings_are_the_defaults_and_flags_override_them(setup, tmp_path):
+  model_dir = tmp_path / "model"
+  shutil.copytree(setup["model_dir"], model_dir)
+  (model_dir / "chat_config.json").write_text(json.dumps(
+      {"prompt_language": "en", "min_pixels": 3136, "max_pixels": MAX_PIXELS // 2,
+       "label_hierarchy": {"挡风板": ["安装"]}}), encoding="utf-8")
+  common = dict(model_path=str(model_dir), input_jsonl=str(setup["inputs"]), data_root=str(setup["data"]),
+                batch_size=2, progress=False, max_new_tokens=2)
+  trained = infer.run_inference(output_file=str(tmp_path / "a.json"), **common)["config"]
+  assert (trained["prompt_language"], trained["max_pixels"]) == ("en", MAX_PIXELS // 2)
+  flagged = infer.run_inference(output_file=str(tmp_path / "b.json"), prompt_language="zh", **common)["config"]
+  assert (flagged["prompt_language"], flagged["max_pixels"]) == ("zh", MAX_PIXELS // 2)
