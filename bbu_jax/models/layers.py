@@ -139,8 +139,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
   b, s, h, d = q.shape
   kvh = k.shape[2]
   groups = h // kvh
-  qg = q.reshape(b, s, kvh, groups, d)
-  logits = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) * (d ** -0.5)
+  # Heads go in front of the sequence BEFORE the matmuls: the dots then write the (s, t) score
+  # blocks in their final layout, and only the small q/k/v/out tensors are transposed (XLA CPU
+  # otherwise copies the (B, heads, S, S) scores and their gradients into a transposed layout).
+  qg = q.reshape(b, s, kvh, groups, d).transpose(0, 2, 3, 1, 4)  # (b, kvh, groups, s, d)
+  kt = k.transpose(0, 2, 1, 3)  # (b, kvh, t, d)
+  vt = v.transpose(0, 2, 1, 3)
+  logits = jnp.einsum("bkgsd,bktd->bkgst", qg, kt).astype(jnp.float32) * (d ** -0.5)
   if mask is not None:
     # (b, 1|h, s, t) -> (b, kvh|1, groups|1, s, t)
     m = mask.reshape(mask.shape[0], kvh, groups, s, -1) if mask.shape[1] == h else mask[:, :, None]
@@ -148,8 +153,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
   probs = jax.nn.softmax(logits, axis=-1)
   if mask is not None:
     probs = jnp.where(m, probs, 0.0)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
-  return out.reshape(b, s, h, d)
+  out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(v.dtype), vt)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 def rotate_half(x: Array) -> Array:
