@@ -267,16 +267,20 @@ def main(argv=None) -> dict:
       hf_step()
 
   # --- Timed steps, alternating --------------------------------------------------------------------------
-  bbu_times, hf_times = [], []
+  # CPU seconds (all threads of this process) beside wall seconds: on a loaded machine they show what
+  # each side consumed, spin-waiting threads included.
+  bbu_times, hf_times, bbu_cpu, hf_cpu = [], [], [], []
   for i in range(args.steps):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
     bbu_times.append(time.perf_counter() - start)
+    bbu_cpu.append(time.process_time() - cpu)
     if not args.skip_hf:
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       hf_step()
       hf_times.append(time.perf_counter() - start)
+      hf_cpu.append(time.process_time() - cpu)
     print(f"step {i}: bbu_jax {bbu_times[-1]:.3f}s" + (f", transformers {hf_times[-1]:.3f}s" if hf_times else "")
           + f" (load {load_average()})", flush=True)
   figures["load_average_end"] = load_average()
@@ -287,6 +291,7 @@ def main(argv=None) -> dict:
   bbu_s = float(np.median(bbu_times))
   figures.update({
       "bbu_jax_step_s_median": round(bbu_s, 4), "bbu_jax_step_s_min": round(min(bbu_times), 4),
+      "bbu_jax_step_cpu_s_median": round(float(np.median(bbu_cpu)), 4),
       "step_gflop": round(flops["total"] / 1e9, 2),
       "step_gflop_parts": {k: round(v / 1e9, 2) for k, v in flops.items() if k != "total"},
       "matmul_peak_gflops_jax": round(peak_jax / 1e9, 1), "matmul_peak_gflops_torch": round(peak_torch / 1e9, 1),
@@ -298,6 +303,7 @@ def main(argv=None) -> dict:
     hf_s = float(np.median(hf_times))
     figures.update({
         "hf_step_s_median": round(hf_s, 4), "hf_step_s_min": round(min(hf_times), 4),
+        "hf_step_cpu_s_median": round(float(np.median(hf_cpu)), 4),
         "hf_gflops": round(flops["total"] / hf_s / 1e9, 1),
         "hf_tokens_per_s": round(tokens / hf_s, 1),
         "ratio": round(hf_s / bbu_s, 3),
