@@ -63,4 +63,5 @@ def get_config():
   c.log_steps = 10
   c.save_steps = 200
   c.max_new_tokens = 256
+  c.remat_policy = "dots_with_no_batch_dims_saveable"  # faster than none on CPU (bench/README.md)
   return c

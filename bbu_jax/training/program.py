@@ -44,7 +44,7 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
                   total_steps: int, *, platform: str | None = None) -> Program:
   platform = platform or jax.devices()[0].platform
   compute_dtype = jnp.bfloat16 if config.bf16 else jnp.float32
-  remat = "full" if config.gradient_checkpointing else "none"
+  remat = config.remat_policy or ("full" if config.gradient_checkpointing else "none")
   attention_impl = "cudnn" if (config.use_flash_attention and platform == "gpu") else "xla"
   lora_config = lora.from_run_config(config)
 
