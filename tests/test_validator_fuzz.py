@@ -119,9 +119,6 @@ def test_validate_file_reports_and_never_raises(lines):
     os.unlink(path)
 
 
-@pytest.mark.xfail(strict=True, raises=RecordError,
-                   reason="validate_file does not check `id`, so split_valid raises RecordError from "
-                          "normalize_record instead of reporting the line (fix in bbu_jax/data/validate.py)")
 def test_validate_file_reports_a_bad_id(tmp_path):
   path = tmp_path / "bad_id.jsonl"
   path.write_text(json.dumps({"images": ["a.jpg"], "width": 64, "height": 48, "objects": [], "id": ["a.jpg"]})

@@ -112,6 +112,10 @@ def _check_record(raw: dict, path: str, line: int, image_root: str | None,
         image_paths.append(image)
       else:
         add("error", f"images[{i}]: image path must be a non-empty string, got {image!r}")
+  if "id" in raw:
+    record_id = raw["id"]
+    if isinstance(record_id, bool) or not isinstance(record_id, (str, int)) or record_id == "":
+      add("error", f"id: must be a non-empty string or an integer, got {record_id!r:.80}")
   size_ok = True
   for key in ("width", "height"):
     value = raw.get(key)
