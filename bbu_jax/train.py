@@ -191,17 +191,14 @@ def train(config) -> dict:
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   global_rows = config.per_device_train_batch_size * data_parallel
   host_rows = global_rows // jax.process_count() * config.gradient_accumulation_steps
-  patch_budget = config.patch_budget or pipeline_lib.default_patch_budget(config.model_max_length, model_config.vision)
-  packing_config = packing_lib.PackingConfig(
-      model_max_length=config.model_max_length, patch_budget=patch_budget, patch_dim=model_config.vision.patch_dim,
-      max_samples_per_row=config.max_samples_per_row, max_objects=config.max_objects,
-      max_caption_tokens=chat_config.max_caption_tokens, collator_type=config.collator_type)
+  # One source of the packing shapes for training and ahead-of-time compilation (bbu_jax.aot).
+  pipeline_config = pipeline_lib.pipeline_config_from(
+      config, model_config.vision, batch_size=host_rows, num_epochs=config.num_train_epochs,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      rejects_path=str(run_dir / f"rejected_samples_{jax.process_index()}.jsonl"),
+      max_caption_tokens=chat_config.max_caption_tokens)
+  packing_config = pipeline_config.packing
   pipeline_lib.check_samples_can_fit(train_records, processor, packing_config)
-  pipeline_config = pipeline_lib.PipelineConfig(
-      batch_size=host_rows, packing=packing_config, seed=config.seed, num_epochs=config.num_train_epochs,
-      teacher_ratio=config.teacher_ratio, num_teacher_samples=config.num_teacher_samples,
-      num_workers=config.num_data_workers, process_index=jax.process_index(), process_count=jax.process_count(),
-      rejects_path=str(run_dir / f"rejected_samples_{jax.process_index()}.jsonl"))
   dataset = pipeline_lib.build_dataset(train_records, processor, pipeline_config, model_config.vision,
                                        teacher_pool=teacher_pool, data_root=config.data_root or None)
   rows_per_epoch = estimate_rows_per_epoch(train_records, processor, tokenizer, packing_config, config.seed)
