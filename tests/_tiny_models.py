@@ -115,3 +115,40 @@ def random_patches(rng: np.random.Generator, grids) -> np.ndarray:
   """pixel_values (sum t*h*w, 3*2*14*14) float32 for images with these grids, as the processor lays them out."""
   n = int(sum(int(t) * int(h) * int(w) for t, h, w in grids))
   return rng.standard_normal((n, 3 * TEMPORAL_PATCH * PATCH_SIZE * PATCH_SIZE)).astype(np.float32)
+
+
+# --- Comparing with transformers -----------------------------------------------------------------
+
+
+def hf_logits(hf, input_ids, attention_mask=None, pixel_values=None, grids=None) -> np.ndarray:
+  """transformers' logits (float32 numpy) for the same arguments our callable takes."""
+  import torch
+  kwargs = {"input_ids": torch.as_tensor(input_ids)}
+  if attention_mask is not None:
+    kwargs["attention_mask"] = torch.as_tensor(attention_mask)
+  if grids is not None:
+    kwargs["image_grid_thw"] = torch.as_tensor(np.asarray(grids, np.int64))
+    # What the transformers processor returns beside input_ids; without it transformers 5 skips M-RoPE.
+    kwargs["mm_token_type_ids"] = torch.as_tensor(input_ids == IMAGE_TOKEN_ID).to(torch.int32)
+  if pixel_values is not None:
+    kwargs["pixel_values"] = torch.as_tensor(pixel_values).to(next(hf.parameters()).dtype)
+  with torch.no_grad():
+    return hf(**kwargs).logits.float().numpy()
+
+
+def relative_error(ours, ref, attention_mask=None) -> float:
+  """||ours - ref|| / ||ref|| over the unpadded positions."""
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape
+  if attention_mask is not None:
+    keep = np.asarray(attention_mask).astype(bool)
+    ours, ref = ours[keep], ref[keep]
+  return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def sample_inputs(seed: int = 0):
+  """A right-padded batch: a row with two images of different sizes, and a text-only row."""
+  rng = np.random.default_rng(seed)
+  grids = [(1, 8, 8), (1, 4, 6)]
+  ids, mask = pad_rows([token_row(rng, grids, [3, 4, 2]), rng.integers(0, TEXT_TOKENS, 9)])
+  return ids, mask, random_patches(rng, grids), np.array(grids)

@@ -14,33 +14,13 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import _tiny_models as tm  # noqa: E402
+from _tiny_models import hf_logits, relative_error, sample_inputs  # noqa: E402
 from convert_weights import flax_to_hf  # noqa: E402
 from bbu_jax.models import bbu_model, layers, lora, weights  # noqa: E402
 from bbu_jax.models.qwen2_5_vl import PretrainedQwen25VL  # noqa: E402
 from bbu_jax.training import optimizer as optimizer_lib  # noqa: E402
 
 ALL_TARGETS = lora.LoraConfig(rank=3, alpha=6.0, targets=lora.TARGETS)
-
-
-def relative_error(a, b, mask):
-  keep = np.asarray(mask).astype(bool)
-  a, b = np.asarray(a, np.float64)[keep], np.asarray(b, np.float64)[keep]
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def sample_inputs(seed=0):
-  rng = np.random.default_rng(seed)
-  grids = [(1, 8, 8), (1, 4, 6)]
-  ids, mask = tm.pad_rows([tm.token_row(rng, grids, [3, 4, 2]), rng.integers(0, tm.TEXT_TOKENS, 9)])
-  return ids, mask, tm.random_patches(rng, grids), np.array(grids)
-
-
-def hf_logits(hf, ids, mask, pixels, grids):
-  with torch.no_grad():
-    out = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-             pixel_values=torch.as_tensor(pixels), image_grid_thw=torch.as_tensor(grids),
-             mm_token_type_ids=torch.as_tensor(ids == tm.IMAGE_TOKEN_ID).to(torch.int32))
-  return out.logits.float().numpy()
 
 
 def adapted_model(hf_path, lora_config, *, seed=0, random_b=True):

@@ -13,33 +13,11 @@ pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 import _tiny_models as tm  # noqa: E402
+from _tiny_models import hf_logits, relative_error  # noqa: E402
 from bbu_jax.models import load_pretrained  # noqa: E402
 from bbu_jax.models.qwen2_5_vl import bucket, prepare_inputs, scatter_image_features  # noqa: E402
 
 FP32_TOLERANCE = 1e-4
-
-
-def hf_logits(hf, input_ids, attention_mask=None, pixel_values=None, grids=None):
-  kwargs = {"input_ids": torch.as_tensor(input_ids)}
-  if attention_mask is not None:
-    kwargs["attention_mask"] = torch.as_tensor(attention_mask)
-  if grids is not None:
-    kwargs["image_grid_thw"] = torch.as_tensor(np.asarray(grids, np.int64))
-    # What the transformers processor returns beside input_ids; without it transformers 5 skips M-RoPE.
-    kwargs["mm_token_type_ids"] = torch.as_tensor(input_ids == tm.IMAGE_TOKEN_ID).to(torch.int32)
-  if pixel_values is not None:
-    kwargs["pixel_values"] = torch.as_tensor(pixel_values).to(next(hf.parameters()).dtype)
-  with torch.no_grad():
-    return hf(**kwargs).logits.float().numpy()
-
-
-def relative_error(ours, ref, attention_mask=None):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape
-  if attention_mask is not None:
-    keep = np.asarray(attention_mask).astype(bool)
-    ours, ref = ours[keep], ref[keep]
-  return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 @pytest.fixture(scope="module")

@@ -21,32 +21,11 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 import _tiny_models as tm  # noqa: E402
+from _tiny_models import hf_logits, relative_error, sample_inputs  # noqa: E402
 from bbu_jax.models import load_pretrained, weights  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZER_STUBS = {"tokenizer_config.json": '{"model_max_length": 64}\n', "preprocessor_config.json": '{"patch_size": 14}\n'}
-
-
-def sample_inputs(seed=0):
-  rng = np.random.default_rng(seed)
-  grids = [(1, 8, 8), (1, 4, 6)]
-  ids, mask = tm.pad_rows([tm.token_row(rng, grids, [3, 4, 2]), rng.integers(0, tm.TEXT_TOKENS, 9)])
-  return ids, mask, tm.random_patches(rng, grids), np.array(grids)
-
-
-def hf_logits(hf, ids, mask, pixels, grids):
-  with torch.no_grad():
-    out = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-             pixel_values=torch.as_tensor(pixels).to(next(hf.parameters()).dtype),
-             image_grid_thw=torch.as_tensor(grids),
-             mm_token_type_ids=torch.as_tensor(ids == tm.IMAGE_TOKEN_ID).to(torch.int32))
-  return out.logits.float().numpy()
-
-
-def relative_error(a, b, mask):
-  keep = mask.astype(bool)
-  a, b = np.asarray(a, np.float64)[keep], np.asarray(b, np.float64)[keep]
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def run_module(*args):
