@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vision_intermediate_size = 0
   c.model.vision_window_size = 112
   c.model.vision_fullatt_block_indexes = (0,)
+  c.model.rope_theta = 1000000.0  # the decoder's rotary base (Qwen2.5's 1e6)
+  c.model.mrope_section = ()  # (t, h, w) frequency pairs; () = Qwen's 16/24/24 of 64 scaled to the head
   c.tokenizer_vocab_size = 4096  # for the demo's own BPE tokenizer
 
   c.detection_enabled = False
@@ -184,6 +186,13 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None, nu
       fail("remat_policy", f"must be one of {sorted(REMAT_POLICIES)} or empty, got {c.remat_policy!r}")
   if c.lora.rank < 0:
     fail("lora.rank", f"must be >= 0, got {c.lora.rank}")
+  if not c.model_path and not c.model_size and c.model.text_hidden_size > 0:
+    if c.model.rope_theta <= 0:
+      fail("model.rope_theta", f"must be > 0, got {c.model.rope_theta}")
+    pairs = c.model.text_hidden_size // max(c.model.text_heads, 1) // 2
+    if c.model.mrope_section and (len(c.model.mrope_section) != 3 or sum(c.model.mrope_section) != pairs):
+      fail("model.mrope_section", f"must be 3 sizes (t, h, w) summing to head_dim / 2 = {pairs}, got "
+           f"{tuple(c.model.mrope_section)}")
   if not c.model_path and not c.model_size and c.model.text_hidden_size <= 0:
     fail("model_path", "is empty and neither model_size nor model.text_hidden_size describes a model")
   if not c.synthetic.enabled:

@@ -118,6 +118,7 @@ def build_model_config(config, tokenizer: Tokenizer) -> Qwen25VLConfig:
   head_dim = m.text_hidden_size // m.text_heads
   quarter = head_dim // 2
   mrope = (quarter - 2 * (quarter * 3 // 8), quarter * 3 // 8, quarter * 3 // 8)  # 16/24/24 of 64, scaled
+  mrope = tuple(m.mrope_section) or mrope
   return Qwen25VLConfig(
       vision=VisionConfig(depth=m.vision_depth, hidden_size=m.vision_hidden_size, num_heads=m.vision_heads,
                           intermediate_size=m.vision_intermediate_size, window_size=m.vision_window_size,
@@ -125,7 +126,8 @@ def build_model_config(config, tokenizer: Tokenizer) -> Qwen25VLConfig:
                           out_hidden_size=m.text_hidden_size),
       text=TextConfig(vocab_size=tokenizer.vocab_size, hidden_size=m.text_hidden_size,
                       intermediate_size=m.text_intermediate_size, num_hidden_layers=m.text_layers,
-                      num_attention_heads=m.text_heads, num_key_value_heads=m.text_kv_heads, mrope_section=mrope),
+                      num_attention_heads=m.text_heads, num_key_value_heads=m.text_kv_heads, mrope_section=mrope,
+                      rope_theta=float(m.rope_theta)),
       tie_word_embeddings=True, image_token_id=special.image_token_id, video_token_id=special.video_token_id,
       vision_start_token_id=special.vision_start_token_id, vision_end_token_id=special.vision_end_token_id,
       bos_token_id=special.bos_token_id, eos_token_id=special.eos_token_id, pad_token_id=special.pad_token_id)

@@ -34,6 +34,7 @@ def _features(seed):
       "text_valid": jnp.asarray(text_valid),
       "vision_features": jnp.asarray(rng.standard_normal((BATCH, VISION_LEN, CFG.hidden_size)), jnp.float32),
       "vision_valid": jnp.asarray(vision_valid),
+      "vision_positions": jnp.asarray(rng.random((BATCH, VISION_LEN, 2)), jnp.float32),
   }
 
 
@@ -136,7 +137,8 @@ def test_padded_features_never_change_outputs():
   reference = _forward(head, features)
   rng = np.random.default_rng(5)
   poisoned = dict(features)
-  for key, valid in (("text_hidden", "text_valid"), ("vision_features", "vision_valid")):
+  for key, valid in (("text_hidden", "text_valid"), ("vision_features", "vision_valid"),
+                     ("vision_positions", "vision_valid")):
     noise = rng.standard_normal(features[key].shape).astype(np.float32) * 100
     noise[0, 0, 0] = np.nan
     mask = ~np.asarray(features[valid])[..., None]
@@ -152,7 +154,8 @@ def test_padded_features_never_change_outputs():
         "text_hidden": features["text_hidden"][sample:sample + 1, :text_len],
         "text_valid": features["text_valid"][sample:sample + 1, :text_len],
         "vision_features": features["vision_features"][sample:sample + 1, :vision_len],
-        "vision_valid": features["vision_valid"][sample:sample + 1, :vision_len]})
+        "vision_valid": features["vision_valid"][sample:sample + 1, :vision_len],
+        "vision_positions": features["vision_positions"][sample:sample + 1, :vision_len]})
     for key in reference:
       np.testing.assert_allclose(np.asarray(alone[key][0]), np.asarray(reference[key][sample]),
                                  rtol=1e-5, atol=1e-6)
@@ -266,5 +269,49 @@ def test_config_and_inputs_are_checked():
   features = _features(0)
   with pytest.raises(ValueError, match="vision_features"):
     head(**dict(features, vision_features=features["vision_features"][..., :3]))
+  with pytest.raises(ValueError, match="vision_positions must be"):
+    head(**dict(features, vision_positions=features["vision_positions"][..., :1]))
   with pytest.raises(ValueError, match="caption_max_len"):
     head.caption_logits(jnp.zeros((2, CFG.width)), jnp.zeros((2, 9), jnp.int32), _token_embeddings(0))
+
+
+def test_boxes_found_by_place_alone():
+  """Every image holds the SAME features (one marked token among plain ones); only the marked token's
+  place differs, and the target box sits there. The vision tower's features carry no absolute place,
+  so the head can only learn this through its position embedding."""
+  grid = 4
+  cfg = dataclasses.replace(CFG, num_queries=2)
+  head = nnx.jit(lambda rngs: DetectionHead(cfg, rngs=rngs))(nnx.Rngs(7))
+  rng = np.random.default_rng(7)
+  n = 16
+  cells = rng.permutation(grid * grid)[:n]
+  ys, xs = np.meshgrid((np.arange(grid) + 0.5) / grid, (np.arange(grid) + 0.5) / grid, indexing="ij")
+  places = np.stack([ys.reshape(-1), xs.reshape(-1)], -1).astype(np.float32)
+  plain, marked = rng.standard_normal((2, CFG.hidden_size)).astype(np.float32)
+  vision = np.broadcast_to(plain, (n, grid * grid, CFG.hidden_size)).copy()
+  vision[np.arange(n), cells] = marked
+  centre = places[cells][:, ::-1]  # (x, y)
+  boxes = np.concatenate([centre - 0.1, centre + 0.1], -1)[:, None]
+  features = {"text_hidden": jnp.zeros((n, 2, CFG.hidden_size)), "text_valid": jnp.ones((n, 2), bool),
+              "vision_features": jnp.asarray(vision), "vision_valid": jnp.ones((n, grid * grid), bool),
+              "vision_positions": jnp.asarray(np.broadcast_to(places, (n, grid * grid, 2)))}
+  targets = {"boxes_xyxy": jnp.asarray(boxes), "valid": jnp.ones((n, 1), bool)}
+  optimizer = nnx.Optimizer(head, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(head, optimizer, features):
+    loss = lambda h: detection_loss(h, h(**features), targets, None, WEIGHTS)["detection_loss"]
+    value, grads = nnx.value_and_grad(loss)(head)
+    optimizer.update(head, grads)
+    return value
+
+  for _ in range(600):
+    step(head, optimizer, features)
+  out = _forward(head, features)
+  best = np.argmax(np.asarray(out["objectness_logits"]), axis=1)
+  pred = np.asarray(out["pred_boxes_cxcywh"])[np.arange(n), best]
+  target = np.asarray(losses.box_xyxy_to_cxcywh(jnp.asarray(boxes[:, 0])))
+  assert np.abs(pred - target).max() < 0.05, np.abs(pred - target).max()
+  # Same features, other places: the boxes move with the places (the position input is really read).
+  moved = _forward(head, dict(features, vision_positions=features["vision_positions"][:, ::-1]))
+  assert np.abs(np.asarray(moved["pred_boxes_cxcywh"])[np.arange(n), best] - pred).max() > 0.1

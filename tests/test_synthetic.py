@@ -155,5 +155,13 @@ def test_demo_profile_draws_only_large_equipment(tmp_path):
   assert min(counts) >= 1 and max(counts) <= 3
   assert {o["desc"] for r in recs for o in r["objects"]} <= set(synthetic._DEMO_LABELS)
   assert validate.validate_file(tmp_path / "train.jsonl", tmp_path).ok
+  # Side by side, each in its own cell: no two boxes overlap by more than the slight tilt, none is small.
+  for r in recs:
+    boxes = [o["bbox_2d"] for o in r["objects"]]
+    for i, a in enumerate(boxes):
+      assert (a[2] - a[0]) * (a[3] - a[1]) >= 0.04 * r["width"] * r["height"] / len(boxes), (r["id"], a)
+      for b in boxes[i + 1:]:
+        inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+        assert inter <= 0.05 * min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])), (r["id"], a, b)
   with pytest.raises(ValueError, match="profile"):
     synthetic.generate_sample(None, 56, 56, profile="easy")

@@ -138,6 +138,27 @@ def test_metadata_matches_transformers(grids, window_size):
   assert meta["rope_pos"].dtype == np.int32 and meta["window_segment_ids"].dtype == np.int32
 
 
+@pytest.mark.parametrize("grids", METADATA_GRIDS[1:])
+def test_merged_token_centers_place_every_token_in_its_own_image(grids):
+  config = our_config()
+  total = int(sum(t * h * w for t, h, w in grids))
+  meta = V.vision_metadata(np.array(grids), total + 8, config)
+  rows = [meta, V.vision_metadata(np.array(grids[:1]), total + 8, config)]
+  centres = np.asarray(V.merged_token_centers(np.stack([r["rope_pos"] for r in rows]),
+                                              np.stack([r["image_segment_ids"] for r in rows]), 2))
+  # Reference: each image's merged grid in raster order within its 2 x 2 blocks' merge order.
+  expected = []
+  for t, h, w in grids:
+    ys, xs = np.meshgrid((np.arange(h // 2) + 0.5) / (h // 2), (np.arange(w // 2) + 0.5) / (w // 2), indexing="ij")
+    expected += [np.stack([ys.reshape(-1), xs.reshape(-1)], -1)] * t
+  expected = np.concatenate(expected)
+  np.testing.assert_allclose(centres[0, :len(expected)], expected, rtol=0, atol=1e-6)
+  assert not centres[0, len(expected):].any()  # padding
+  first = grids[0][0] * grids[0][1] * grids[0][2] // 4
+  np.testing.assert_allclose(centres[1, :first], expected[:first], atol=1e-6)
+  assert not centres[1, first:].any()
+
+
 def test_metadata_errors():
   config = our_config()
   with pytest.raises(ValueError, match=r"image 1: grid \(t=1, h=8, w=10\) has 80 patches.*needs 104.*budget 100"):

@@ -178,14 +178,19 @@ def _draw_background(c: _Canvas) -> None:
     c.draw.line(pts, fill=_jitter(rng, (140, 140, 140), 60), width=c.px(1.5))
 
 
-def _draw_bbu(c: _Canvas, label: str) -> dict:
-  """A BBU: a tall rotated box with a brand front, slot rows, ports and LEDs. Returns its frame."""
+def _draw_bbu(c: _Canvas, label: str, box: tuple[float, float, float, float] | None = None) -> dict:
+  """A BBU: a tall rotated box with a brand front, slot rows, ports and LEDs. Returns its frame.
+
+  `box` (cx, cy, w, h) places it; by default it is drawn from the real figures."""
   brand = label.split("/")[1]
   body, front, logo = (_jitter(c.rng, colour, 8) for colour in _BRAND_LOOKS[brand])
-  cx, cy, w, h = c.sample_box(label)
-  if w > h:  # BBUs stand upright in these photos (rotated 90 degrees in the cabinet)
-    w, h = h, w
-  w, h = max(w, 8 * c.unit), max(h, 24 * c.unit)
+  if box is None:
+    cx, cy, w, h = c.sample_box(label)
+    if w > h:  # BBUs stand upright in these photos (rotated 90 degrees in the cabinet)
+      w, h = h, w
+    w, h = max(w, 8 * c.unit), max(h, 24 * c.unit)
+  else:
+    cx, cy, w, h = box
   angle = c.rng.normal(0, 0.04)
   to_image = _rotated_frame(cx, cy, w, h, angle)
   c.draw.polygon(_local_polygon(to_image, 0, 0, w, h), fill=body, outline=(15, 15, 15))
@@ -227,9 +232,9 @@ def _draw_bbu(c: _Canvas, label: str) -> dict:
   return {"cx": cx, "cy": cy, "w": w, "h": h, "to_image": to_image}
 
 
-def _draw_panel(c: _Canvas, label: str) -> None:
-  """A wind shield: a metal plate with ventilation slots across its long side."""
-  cx, cy, w, h = c.sample_box(label)
+def _draw_panel(c: _Canvas, label: str, box: tuple[float, float, float, float] | None = None) -> None:
+  """A wind shield: a metal plate with ventilation slots across its long side (`box` as _draw_bbu)."""
+  cx, cy, w, h = box if box is not None else c.sample_box(label)
   angle = c.rng.normal(0, 0.04)
   to_image = _rotated_frame(cx, cy, w, h, angle)
   metal = _jitter(c.rng, (175, 178, 182), 25)
@@ -358,7 +363,8 @@ def _finish(c: _Canvas) -> Image.Image:
 
 PROFILES = ("real", "demo")
 # The demo profile: what a tiny model trained from scratch for minutes on a CPU can learn to find:
-# only the large equipment (BBUs of the three brands and wind shields), one to four per photo.
+# only the large equipment (BBUs of the three brands and wind shields), one to three per photo, side
+# by side without overlap (see _demo_boxes), over the same cabinet background and clutter.
 _DEMO_LABELS = ["bbu基带处理单元/华为", "bbu基带处理单元/中兴", "bbu基带处理单元/爱立信", "挡风板/安装"]
 _DEMO_LABEL_PROBS = np.array([0.3, 0.3, 0.2, 0.2])
 
@@ -373,6 +379,24 @@ def _draw_labels(rng: np.random.Generator, profile: str) -> tuple[list[str], boo
   return list(rng.choice(_LABELS, size=num_objects - int(with_space), p=_LABEL_PROBS)), with_space
 
 
+def _demo_boxes(c: _Canvas, labels: Sequence[str]) -> list[tuple[float, float, float, float]]:
+  """Demo placement: the image's long side is cut into one cell per object, and each object fills
+  45-90% of its own cell, so objects never overlap and are never cut off (BBUs stay upright)."""
+  n = len(labels)
+  along_x = c.width > c.height
+  cell_w, cell_h = (c.width / n, c.height) if along_x else (c.width, c.height / n)
+  boxes = []
+  for k, label in enumerate(labels):
+    w, h = c.rng.uniform(0.45, 0.9, size=2) * (cell_w, cell_h)
+    if label.startswith("bbu") and w > h:
+      w = h * c.rng.uniform(0.4, 0.8)
+    x0, y0 = (k * cell_w, 0.0) if along_x else (0.0, k * cell_h)
+    cx = x0 + w / 2 + c.rng.uniform(0, cell_w - w)
+    cy = y0 + h / 2 + c.rng.uniform(0, cell_h - h)
+    boxes.append((cx, cy, w, h))
+  return boxes
+
+
 def generate_sample(rng: np.random.Generator, width: int, height: int, profile: str = "real"
                     ) -> tuple[Image.Image, list[dict]]:
   """One synthetic photo and its objects (on-disk form: desc + one of bbox_2d / quad / line).
@@ -384,6 +408,13 @@ def generate_sample(rng: np.random.Generator, width: int, height: int, profile: 
   c = _Canvas(width, height, rng)
   _draw_background(c)
   labels, with_space = _draw_labels(rng, profile)
+  if profile == "demo":
+    for label, box in zip(labels, _demo_boxes(c, labels)):
+      if label.startswith("bbu"):
+        _draw_bbu(c, label, box)
+      else:
+        _draw_panel(c, label, box)
+    return _finish(c), c.objects
   by_kind = collections.defaultdict(list)
   for label in labels:
     by_kind[label.split("/")[0] if not label.startswith("线缆") else "线缆"].append(label)

@@ -23,6 +23,7 @@ from bbu_jax.models.config import Qwen25VLConfig
 from bbu_jax.models.detection_head import (DetectionHead, DetectionHeadConfig, DetectionLossWeights,
                                            detection_loss)
 from bbu_jax.models.qwen2_5_vl import Qwen25VL, scatter_image_features
+from bbu_jax.models.vision import merged_token_centers
 
 Array = jax.Array
 EXTRAS_FILE = "bbu_jax.json"
@@ -68,8 +69,10 @@ def _gather_valid(values: Array, valid: Array, length: int) -> tuple[Array, Arra
           jnp.take_along_axis(valid, order, axis=2).reshape(b * k, length))
 
 
-def head_inputs(batch: dict[str, Array], hidden: Array, features: Array, *, memory_tokens: int):
-  """Per sample slot (B*K rows): the student's text states and image features the head may read.
+def head_inputs(batch: dict[str, Array], hidden: Array, features: Array, *, merge_size: int,
+                memory_tokens: int):
+  """Per sample slot (B*K rows): the student's text states and image features the head may read, and
+  each feature's centre (y, x) in its image.
 
   A packed row holds K sample slots; the head sees one sample at a time, so each slot gathers its
   own student tokens (at most `memory_tokens` of each kind; static shapes).
@@ -78,9 +81,12 @@ def head_inputs(batch: dict[str, Array], hidden: Array, features: Array, *, memo
   slots = jnp.arange(1, k + 1)[None, :, None]
   text_valid = batch["student_text_mask"][:, None, :] & (batch["text_sample_slot"][:, None, :] == slots)
   vision_valid = batch["vision_is_student"][:, None, :] & (batch["vision_sample_slot"][:, None, :] == slots)
+  centres = merged_token_centers(batch["rope_pos"], batch["image_segment_ids"], merge_size)
+  vision_length = min(memory_tokens, features.shape[1])
   text, text_valid = _gather_valid(hidden, text_valid, min(memory_tokens, hidden.shape[1]))
-  vision, vision_valid = _gather_valid(features, vision_valid, min(memory_tokens, features.shape[1]))
-  return text, text_valid, vision, vision_valid
+  places, _ = _gather_valid(centres, vision_valid, vision_length)
+  vision, vision_valid = _gather_valid(features, vision_valid, vision_length)
+  return text, text_valid, vision, vision_valid, places
 
 
 def caption_mask(caption_ids: Array, eos_token_id: int) -> Array:
@@ -107,8 +113,9 @@ def loss_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weig
   terms = lm_loss_sums(logits, batch)
   if model.detection_head is None or features is None:
     return terms
-  text, text_valid, vision, vision_valid = head_inputs(batch, hidden, features, memory_tokens=memory_tokens)
-  outputs = model.detection_head(text, text_valid, vision, vision_valid)
+  text, text_valid, vision, vision_valid, places = head_inputs(
+      batch, hidden, features, merge_size=model.config.vision.spatial_merge_size, memory_tokens=memory_tokens)
+  outputs = model.detection_head(text, text_valid, vision, vision_valid, places)
   targets = detection_targets(batch, model.config.eos_token_id)
   # Empty slots (no sample) must not teach the head "nothing here": drop their objectness loss.
   slot_used = (batch["sample_ids"].reshape(-1) >= 0)

@@ -65,14 +65,22 @@ class DetectionLossWeights:
   focal_gamma: float = 2.0
 
 
+def _dense(n_in: int, n_out: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs, dtype,
+           bias: bool = True) -> Linear:
+  """The head's dense layers start with fan-in scaled (LeCun normal) kernels, as DETR's xavier init
+  does, not with the language model's fixed 0.02: at the head's small widths 0.02 shrinks every layer's
+  output several fold, and the image features barely reach the boxes at the start of training."""
+  return Linear(n_in, n_out, axes=axes, use_bias=bias, rngs=rngs, dtype=dtype, std=n_in ** -0.5)
+
+
 class ResidualAdapter(nnx.Module):
   """x + up(gelu(down(norm(x)))): a bottleneck that lets detection reshape features it borrows from
   the language model without changing them for the LM itself."""
 
   def __init__(self, dim: int, bottleneck: int, *, eps: float, rngs: nnx.Rngs, dtype=jnp.float32):
     self.norm = RMSNorm(dim, eps=eps, axis_name="embed", rngs=rngs)
-    self.down = Linear(dim, bottleneck, axes=("embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
-    self.up = Linear(bottleneck, dim, axes=("det_mlp", "embed"), use_bias=True, rngs=rngs, dtype=dtype)
+    self.down = _dense(dim, bottleneck, ("embed", "det_mlp"), rngs=rngs, dtype=dtype)
+    self.up = _dense(bottleneck, dim, ("det_mlp", "embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x: Array) -> Array:
     return x + self.up(jax.nn.gelu(self.down(self.norm(x))))
@@ -84,10 +92,10 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.num_heads = num_heads
-    self.q_proj = Linear(width, width, axes=("det_embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
-    self.k_proj = Linear(width, width, axes=("det_embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
-    self.v_proj = Linear(width, width, axes=("det_embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
-    self.o_proj = Linear(width, width, axes=("det_mlp", "det_embed"), use_bias=True, rngs=rngs, dtype=dtype)
+    self.q_proj = _dense(width, width, ("det_embed", "det_mlp"), rngs=rngs, dtype=dtype)
+    self.k_proj = _dense(width, width, ("det_embed", "det_mlp"), rngs=rngs, dtype=dtype)
+    self.v_proj = _dense(width, width, ("det_embed", "det_mlp"), rngs=rngs, dtype=dtype)
+    self.o_proj = _dense(width, width, ("det_mlp", "det_embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x: Array, memory: Array, mask: Array) -> Array:
     heads = lambda y: y.reshape(*y.shape[:-1], self.num_heads, -1)
@@ -99,8 +107,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
 
   def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.fc1 = Linear(width, mlp_dim, axes=("det_embed", "det_mlp"), use_bias=True, rngs=rngs, dtype=dtype)
-    self.fc2 = Linear(mlp_dim, width, axes=("det_mlp", "det_embed"), use_bias=True, rngs=rngs, dtype=dtype)
+    self.fc1 = _dense(width, mlp_dim, ("det_embed", "det_mlp"), rngs=rngs, dtype=dtype)
+    self.fc2 = _dense(mlp_dim, width, ("det_mlp", "det_embed"), rngs=rngs, dtype=dtype)
 
   def __call__(self, x: Array) -> Array:
     return self.fc2(jax.nn.gelu(self.fc1(x)))
@@ -138,15 +146,30 @@ class CaptionDecoderLayer(nnx.Module):
     return x + self.mlp(self.mlp_norm(x))
 
 
+def sine_position_embedding(positions: Array, dim: int, temperature: float = 10000.0) -> Array:
+  """DETR's sine embedding of normalized (y, x) positions (..., 2) in [0, 1]: (..., dim) float32, half
+  for y and half for x, each half sin/cos pairs over dim // 4 geometric frequencies."""
+  if dim % 4:
+    raise ValueError(f"sine_position_embedding: dim {dim} must be a multiple of 4")
+  freqs = temperature ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim // 4))
+  angles = positions.astype(jnp.float32)[..., None] * (2 * jnp.pi) / freqs  # (..., 2, dim // 4)
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape[:-1], dim)
+
+
 class DetectionHead(nnx.Module):
-  """`head(text_hidden, text_valid, vision_features, vision_valid)` -> dict with
+  """`head(text_hidden, text_valid, vision_features, vision_valid, vision_positions)` -> dict with
   `pred_boxes_cxcywh` (B, Q, 4), `objectness_logits` (B, Q) (float32) and `query_states` (B, Q, width),
   which `caption_logits` (training) and `generate_captions` (inference) turn into captions.
 
   text_hidden (B, S, D): the decoder's last hidden states; text_valid (B, S) bool: the tokens the head
   may read (e.g. the student's prompt and image tokens); vision_features (B, P, D) merged vision
-  features; vision_valid (B, P) bool. Invalid positions are never read, whatever they hold.
+  features; vision_valid (B, P) bool; vision_positions (B, P, 2) each feature's centre (y, x) in [0, 1]
+  of its image (`vision.merged_token_centers`). Invalid positions are never read, whatever they hold.
   One row is one sample: packed rows are split into samples by the caller.
+
+  The vision tower has relative (rotary) positions only, so its features do not say WHERE in the image
+  they are; as in DETR, a sine embedding of each feature's position (through a learned projection) is
+  added to the vision memory, so attention can find objects by place and the attended values carry it.
   """
 
   def __init__(self, cfg: DetectionHeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -154,13 +177,15 @@ class DetectionHead(nnx.Module):
     self.dtype = dtype
     d, w = cfg.hidden_size, cfg.width
     eps = cfg.rms_norm_eps
-    dense = lambda n_in, n_out, axes, bias=True: Linear(n_in, n_out, axes=axes, use_bias=bias,
-                                                        rngs=rngs, dtype=dtype)
+    dense = lambda n_in, n_out, axes, bias=True: _dense(n_in, n_out, axes, rngs=rngs, dtype=dtype, bias=bias)
     norm = lambda: RMSNorm(w, eps=eps, axis_name="det_embed", rngs=rngs)
     self.text_adapter = ResidualAdapter(d, cfg.adapter_dim, eps=eps, rngs=rngs, dtype=dtype)
     self.vision_adapter = ResidualAdapter(d, cfg.adapter_dim, eps=eps, rngs=rngs, dtype=dtype)
     self.text_proj = dense(d, w, ("embed", "det_embed"))
     self.vision_proj = dense(d, w, ("embed", "det_embed"))
+    if w % 4:
+      raise ValueError(f"DetectionHeadConfig.width {w} must be a multiple of 4 (sine position embedding)")
+    self.vision_position_proj = dense(w, w, ("det_embed", "det_embed"))
     self.memory_norm = norm()
     self.query_embed = param(rngs, (cfg.num_queries, w), ("queries", "det_embed"), std=1.0)
     self.layers = nnx.List([QueryDecoderLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
@@ -181,7 +206,7 @@ class DetectionHead(nnx.Module):
     self.caption_out = dense(w, d, ("det_embed", "embed"), bias=False)
 
   def __call__(self, text_hidden: Array, text_valid: Array, vision_features: Array,
-               vision_valid: Array) -> dict[str, Array]:
+               vision_valid: Array, vision_positions: Array) -> dict[str, Array]:
     b = text_hidden.shape[0]
     d = self.cfg.hidden_size
     for name, features, valid in (("text_hidden", text_hidden, text_valid),
@@ -192,11 +217,16 @@ class DetectionHead(nnx.Module):
       if valid.shape != features.shape[:2]:
         raise ValueError(f"DetectionHead: the valid mask of {name} must be {features.shape[:2]}, got "
                          f"{valid.shape}")
+    if vision_positions.shape != (*vision_features.shape[:2], 2):
+      raise ValueError(f"DetectionHead: vision_positions must be {(*vision_features.shape[:2], 2)}, got "
+                       f"{vision_positions.shape}")
     # Zero what may not be read, so that even NaN padding cannot reach the outputs through 0 * NaN.
     text = jnp.where(text_valid[..., None], text_hidden, 0).astype(self.dtype)
     vision = jnp.where(vision_valid[..., None], vision_features, 0).astype(self.dtype)
+    place = jnp.where(vision_valid[..., None], vision_positions, 0)
+    place = self.vision_position_proj(sine_position_embedding(place, self.cfg.width).astype(self.dtype))
     memory = jnp.concatenate([self.text_proj(self.text_adapter(text)),
-                              self.vision_proj(self.vision_adapter(vision))], axis=1)
+                              self.vision_proj(self.vision_adapter(vision)) + place], axis=1)
     memory = self.memory_norm(memory)
     memory_valid = jnp.concatenate([text_valid, vision_valid], axis=1).astype(jnp.int32)
     memory_mask = make_attention_mask(jnp.ones((b, self.cfg.num_queries), jnp.int32), memory_valid,

@@ -63,13 +63,15 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], *, s
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias). `kernel` is (in, out): the transpose of torch's nn.Linear.weight.
 
+  The kernel starts normal with `std` (0.02: transformers' initializer_range for Qwen2.5-VL).
   With `lora_rank` > 0 it also holds a LoRA adapter (see bbu_jax.models.lora) and adds
   `lora_scale` * (x @ lora_a) @ lora_b; lora_b starts at zero, so a fresh adapter changes nothing.
   """
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
-               use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32, lora_rank: int = 0, lora_scale: float = 0.0):
-    self.kernel = param(rngs, (in_features, out_features), axes)
+               use_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32, lora_rank: int = 0, lora_scale: float = 0.0,
+               std: float = 0.02):
+    self.kernel = param(rngs, (in_features, out_features), axes, std=std)
     self.bias = param(rngs, (out_features,), (axes[1],), init="zeros") if use_bias else None
     self.dtype = dtype  # compute dtype
     if lora_rank > 0:

@@ -121,6 +121,29 @@ def stack_vision_metadata(rows: list[dict[str, np.ndarray]]) -> dict[str, np.nda
   return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
+def merged_token_centers(rope_pos: Array, image_segment_ids: Array, merge_size: int) -> Array:
+  """(..., P // merge_size**2, 2) float32: each merged token's centre (y, x) in [0, 1] of its own image.
+
+  rope_pos (..., P, 2) and image_segment_ids (..., P) as `vision_metadata` makes them (merge-ordered, so
+  each merged token is `merge_size**2` consecutive patches). Padding tokens get (0, 0). In-graph, for
+  readers that need absolute image positions (the vision tower itself only has relative ones).
+  """
+  unit = merge_size * merge_size
+  lead, p = rope_pos.shape[:-2], rope_pos.shape[-2]
+  pos = rope_pos.reshape(-1, p, 2)
+  segments = image_segment_ids.reshape(-1, p)
+
+  def one_row(pos, segments):
+    # An image's extent in patches: 1 + the largest row / column among its patches.
+    extent = jax.ops.segment_max(pos + 1, segments, num_segments=p + 1)
+    first = pos[::unit]  # the top-left patch of every merge block
+    size = extent[segments[::unit]]
+    centre = (first + merge_size / 2) / jnp.maximum(size, 1)
+    return jnp.where((segments[::unit] > 0)[:, None], centre, 0.0).astype(jnp.float32)
+
+  return jax.vmap(one_row)(pos, segments).reshape(*lead, p // unit, 2)
+
+
 # --- Modules -----------------------------------------------------------------------------------
 
 _ACTIVATIONS = {
