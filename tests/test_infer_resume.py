@@ -1,6 +1,6 @@
 """Interrupted inference resumes from its progress file without redoing or losing rows, refuses progress
 made with other settings (or without --resume), and two processes (jax.distributed over loopback, gloo
-CPU collectives) write the same responses file as one.
+CPU collectives) write the same responses file as one, and resume each from its own progress file.
 
 The interrupted run is a real `python -m bbu_jax.infer` killed with SIGKILL: one image of the second
 batch is a named pipe with no writer, so the run blocks opening it right after the first batch went to
@@ -50,6 +50,41 @@ def samples_of(path) -> list[dict]:
   return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))["samples"]
 
 
+def data_with_a_blocking_image(setup, root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """A copy of the images with the third row's (the second batch's first) replaced by a pipe nobody
+  writes to: a run blocks there once the first batch is done. Returns (data root, the pipe)."""
+  data = root / "data"
+  shutil.copytree(setup["data"], data)
+  blocked = data / setup["val"][2]["images"][0]
+  assert all(r["images"][0] != setup["val"][2]["images"][0] for r in setup["val"][:2])
+  blocked.unlink()
+  os.mkfifo(blocked)
+  return data, blocked
+
+
+def unblock(setup, blocked: pathlib.Path) -> None:
+  blocked.unlink()
+  shutil.copyfile(setup["data"] / setup["val"][2]["images"][0], blocked)
+
+
+def wait_for_lines(files: dict, procs, timeout: float = 600) -> None:
+  """Until each file holds at least its number of complete lines; fails if a process ends first."""
+  deadline = time.monotonic() + timeout
+  while not all(f.exists() and f.read_bytes().count(b"\n") >= n for f, n in files.items()):
+    for proc in procs:
+      assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.monotonic() < deadline, f"progress never reached {files}"
+    time.sleep(0.2)
+
+
+def same_samples(responses, uninterrupted, data, setup) -> bool:
+  """The failed row's message names the image under the run's own data root: compare it under the other."""
+  for sample in responses["samples"]:
+    if "error" in sample:
+      sample["error"] = sample["error"].replace(str(data), str(setup["data"]))
+  return responses["samples"] == uninterrupted["samples"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(setup, tmp_path_factory):
   """(a) The run nobody interrupts: the responses every other run must reproduce."""
@@ -66,13 +101,7 @@ def uninterrupted(setup, tmp_path_factory):
 
 def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_run(setup, uninterrupted, tmp_path,
                                                                                  capsys):
-  # The images with one of the second batch (the third row) replaced by a pipe nobody writes to.
-  data = tmp_path / "data"
-  shutil.copytree(setup["data"], data)
-  blocked = data / setup["val"][2]["images"][0]
-  assert all(r["images"][0] != setup["val"][2]["images"][0] for r in setup["val"][:2])
-  blocked.unlink()
-  os.mkfifo(blocked)
+  data, blocked = data_with_a_blocking_image(setup, tmp_path)
   output = tmp_path / "responses.json"
   progress = infer.progress_path(output)
   assert progress.name == "responses.json.partial.jsonl"
@@ -80,11 +109,7 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_run(
   proc = subprocess.Popen([sys.executable, "-m", "bbu_jax.infer", *infer_argv(setup, output, data)], env=infer_env(),
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    deadline = time.monotonic() + 600
-    while not (progress.exists() and progress.read_bytes().count(b"\n") >= 3):  # header + the first batch
-      assert proc.poll() is None, proc.communicate()[1][-3000:]
-      assert time.monotonic() < deadline, "the first batch never reached the progress file"
-      time.sleep(0.2)
+    wait_for_lines({progress: 3}, [proc])  # the header and the first batch
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -117,19 +142,14 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_run(
   assert progress.read_bytes() == before and not output.exists()
 
   # Resumed with the image back: only the second batch is decoded, and the output is the uninterrupted one.
-  blocked.unlink()
-  shutil.copyfile(setup["data"] / setup["val"][2]["images"][0], blocked)
+  unblock(setup, blocked)
   result = run_cli(infer_argv(setup, output, data, "--resume"))
   assert result.returncode == 0, result.stderr[-3000:]
   assert ROW_RESUMED.search(result.stderr).groups() == ("2", "4", "2"), result.stderr[-3000:]
   assert "cut short" in result.stderr
   responses = json.loads(output.read_text(encoding="utf-8"))
   assert responses["config"]["resumed_samples"] == 2 and responses["config"]["decoded_samples"] == 2
-  # The same samples; the failed row's message names the image under this test's own data root.
-  for sample in responses["samples"]:
-    if "error" in sample:
-      sample["error"] = sample["error"].replace(str(data), str(setup["data"]))
-  assert responses["samples"] == uninterrupted["samples"]
+  assert same_samples(responses, uninterrupted, data, setup)
   assert not progress.exists()
 
 
@@ -181,27 +201,76 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_write_the_same_responses_as_one(setup, uninterrupted, tmp_path):
-  output = tmp_path / "responses.json"
+def start_two_processes(argv) -> list[subprocess.Popen]:
+  """`python -m bbu_jax.infer argv` as processes 0 and 1 of a jax.distributed run on loopback."""
   port = free_port()
   procs = []
   for process_id in range(2):
     env = infer_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                     JAX_PROCESS_ID=str(process_id), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    procs.append(subprocess.Popen([sys.executable, "-m", "bbu_jax.infer", *infer_argv(setup, output)], env=env,
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  logs = []
+    procs.append(subprocess.Popen([sys.executable, "-m", "bbu_jax.infer", *argv], env=env, cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def run_two_processes(argv) -> list[subprocess.CompletedProcess]:
+  procs = start_two_processes(argv)
+  results = []
   for proc in procs:
     try:
-      _, stderr = proc.communicate(timeout=600)
+      stdout, stderr = proc.communicate(timeout=600)
     finally:
       if proc.poll() is None:
         proc.kill()
-    assert proc.returncode == 0, stderr[-4000:]
-    logs.append(stderr)
-  for process_id in range(2):  # each decoded its own batch of two rows
-    assert f"process {process_id} of 2: 2 rows to decode" in logs[process_id]
+    results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+  return results
+
+
+def test_two_processes_write_the_same_responses_as_one(setup, uninterrupted, tmp_path):
+  output = tmp_path / "responses.json"
+  results = run_two_processes(infer_argv(setup, output))
+  for process_id, result in enumerate(results):  # each decoded its own batch of two rows
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"process {process_id} of 2: 2 rows to decode" in result.stderr
   responses = json.loads(output.read_text(encoding="utf-8"))
   assert responses["config"]["processes"] == 2 and responses["config"]["decoded_samples"] == 4
   assert responses["samples"] == uninterrupted["samples"]
   assert not list(tmp_path.glob("responses.json.partial*"))
+
+
+def test_when_one_process_refuses_to_start_the_other_stops_too(setup, tmp_path):
+  output = tmp_path / "responses.json"
+  shard = infer.progress_path(output, 1, 2)
+  shard.write_text("left over\n", encoding="utf-8")
+  results = run_two_processes(infer_argv(setup, output))  # no --resume: process 1 refuses its progress file
+  assert [r.returncode for r in results] == [2, 2]
+  assert "process(es) [1] of 2 could not start" in results[0].stderr
+  assert f"{shard} exists" in results[1].stderr and "pass --resume" in results[1].stderr
+  assert shard.read_text(encoding="utf-8") == "left over\n" and not output.exists()
+
+
+@pytest.mark.slow
+def test_two_killed_processes_resume_each_from_its_own_progress_file(setup, uninterrupted, tmp_path):
+  """Process 0 finishes its batch and waits for process 1, which blocks on the pipe: both are killed."""
+  data, blocked = data_with_a_blocking_image(setup, tmp_path)
+  output = tmp_path / "responses.json"
+  shards = [infer.progress_path(output, i, 2) for i in range(2)]
+  procs = start_two_processes(infer_argv(setup, output, data))
+  try:
+    wait_for_lines({shards[0]: 3, shards[1]: 1}, procs)
+  finally:
+    for proc in procs:
+      proc.send_signal(signal.SIGKILL)
+      proc.communicate()
+  assert not output.exists()
+
+  unblock(setup, blocked)
+  results = run_two_processes(infer_argv(setup, output, data, "--resume"))
+  for result in results:
+    assert result.returncode == 0, result.stderr[-4000:]
+  assert ROW_RESUMED.search(results[0].stderr).groups() == ("2", "2", "0")
+  assert ROW_RESUMED.search(results[1].stderr).groups() == ("0", "2", "2")
+  responses = json.loads(output.read_text(encoding="utf-8"))
+  assert responses["config"]["resumed_samples"] == 2 and responses["config"]["decoded_samples"] == 2
+  assert same_samples(responses, uninterrupted, data, setup)
+  assert not any(shard.exists() for shard in shards)
