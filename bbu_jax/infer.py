@@ -2,21 +2,28 @@
 
   python -m bbu_jax.infer --model_path P --input_jsonl F --output_file O --data_root D --batch_size N
       [--teacher_pool_file T --num_teachers K [--teacher_selection random|similar]] [--max_new_tokens M]
-      [--temperature 0] [--top_p 1.0] [--seed 0]
+      [--temperature 0] [--top_p 1.0] [--seed 0] [--resume] [--this_process_only]
 
 The output is DESIGN.md's responses format: boxes in the image FILE's frame, a score per object from
 its tokens' log-probabilities, the raw text, the parse error, the teachers shown, and `head_prediction`
 when the checkpoint has a detection head (bbu_jax.models.bbu_model). A row whose image
 cannot be read or whose prompt is over --model_max_length comes back with `error` and no prediction;
 the rest of the batch completes.
+
+While it runs, each finished batch is appended to a progress file beside the output
+(`<output_file>.partial.jsonl`, fsynced per batch); `--resume` continues an interrupted run from it.
+Under jax.distributed every process decodes its own contiguous run of batches (its own progress file)
+and process 0 writes the one output, in input order.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -41,6 +48,9 @@ from bbu_jax.models.vision import merged_token_centers, stack_vision_metadata, v
 from bbu_jax.parallel import sharding
 
 TEACHER_SELECTIONS = ("random", "similar")
+PROGRESS_FORMAT = "bbu_jax.infer progress 1"
+
+log = logging.getLogger("bbu_jax.infer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +269,8 @@ def pool_features(embedder: VisionEmbedder, pool: Sequence[dict], loader, image_
       if cached["ids"].shape == ids.shape and np.all(cached["ids"] == ids):
         return cached["features"]
   features = embedder([_process(r, loader, image_config) for r in pool], batch_size)
-  tmp = cache_path.with_name(cache_path.name + ".tmp.npz")
+  # Under jax.distributed every process computes the same features: one temporary file each.
+  tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp.npz")
   np.savez(tmp, ids=ids, features=features)
   os.replace(tmp, cache_path)
   return features
@@ -272,6 +283,182 @@ def most_similar(query: np.ndarray, pool: np.ndarray, pool_ids: Sequence[str], s
   similarity = pool @ query
   order = np.argsort(-similarity, kind="stable")
   return [int(i) for i in order if pool_ids[i] != student_id][:k]
+
+
+# --- Progress: finished batches on disk, resuming, several processes ------------------------------
+
+# The settings a progress file must share with the run that resumes it (the input and the teacher
+# pool by content, so a moved file still matches and an edited one does not).
+RESUME_SETTINGS = ("model_path", "model_files", "input_sha256", "teacher_pool_sha256", "num_teachers",
+                   "teacher_selection", "max_new_tokens", "temperature", "top_p", "seed", "model_max_length",
+                   "prompt_language", "min_pixels", "max_pixels", "dtype")
+# Those compared by a digest, and how a refusal names them.
+_DIGESTS = {"model_files": "the model's files (their sizes or modification times)",
+            "input_sha256": "the input file's content", "teacher_pool_sha256": "the teacher pool file's content"}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def model_files_digest(model_path: str | os.PathLike) -> str:
+  """A digest of the names, sizes and modification times of the model folder's weights and settings
+  (*.json, *.safetensors, params/): a model saved again at the same path (training resumed, say) does not
+  pass for the one a progress file was made with. Files this module writes (*.jsonl, *.npz) are not in it."""
+  root = pathlib.Path(model_path)
+  files = [p for p in root.glob("*") if p.suffix in (".json", ".safetensors")] + list(root.glob("params/**/*"))
+  digest = hashlib.sha256()
+  for path in sorted(p for p in files if p.is_file()):
+    stat = path.stat()
+    digest.update(f"{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+  return digest.hexdigest()
+
+
+def run_settings(model_path, input_jsonl, teacher_pool_file, config: InferenceConfig) -> dict:
+  """What decides a row's answer, as stored in a progress file's header and compared on --resume
+  (batch_size is not: it changes which rows share a batch, not what each row gets)."""
+  return {"model_path": str(pathlib.Path(model_path).absolute()), "model_files": model_files_digest(model_path),
+          "input_jsonl": str(input_jsonl), "input_sha256": file_sha256(input_jsonl),
+          "teacher_pool_file": teacher_pool_file,
+          "teacher_pool_sha256": file_sha256(teacher_pool_file) if config.num_teachers else None,
+          **{k: getattr(config, k) for k in RESUME_SETTINGS if hasattr(config, k)}}
+
+
+def progress_path(output_file: str | os.PathLike, process_index: int = 0, process_count: int = 1) -> pathlib.Path:
+  """`<output_file>.partial.jsonl`, or `<output_file>.partial.<i>-of-<n>.jsonl` for process i of n."""
+  output = pathlib.Path(output_file)
+  part = "partial" if process_count == 1 else f"partial.{process_index}-of-{process_count}"
+  return output.with_name(f"{output.name}.{part}.jsonl")
+
+
+def foreign_progress_files(output_file: str | os.PathLike, process_count: int) -> list[pathlib.Path]:
+  """Progress files of this output written by a run with another number of processes."""
+  output = pathlib.Path(output_file)
+  ours = {progress_path(output, i, process_count).name for i in range(process_count)}
+  return sorted(p for p in output.parent.glob(glob.escape(output.name) + ".partial*.jsonl") if p.name not in ours)
+
+
+def read_progress(path: pathlib.Path, settings: dict, input_ids: set[str]) -> tuple[dict[str, dict], int]:
+  """The samples a progress file holds, by id, and the length in bytes of its good part.
+
+  A last line that is cut short or unreadable (the process died while writing it) is left out, to be
+  decoded again; anything else that is wrong refuses the file, naming its line.
+  """
+  data = path.read_bytes()
+  lines = data.split(b"\n")
+  torn, lines = lines[-1], lines[:-1]  # text after the last newline was being written when the run died
+  good_bytes = 0
+  header = None
+  done: dict[str, dict] = {}
+  for number, line in enumerate(lines, start=1):
+    try:
+      item = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+      if number == len(lines):
+        log.warning("%s:%d: unreadable last line (%s), its row is decoded again", path, number, error)
+        break
+      raise ValueError(f"{path}:{number}: not a JSON line ({error}); the progress file is damaged, delete "
+                       "it to start over") from None
+    if number == 1:
+      header = item
+      if not isinstance(item, dict) or item.get("format") != PROGRESS_FORMAT:
+        raise ValueError(f"{path}:1: not a bbu_jax.infer progress file (no header with format "
+                         f"{PROGRESS_FORMAT!r}); move it away or delete it")
+      stored = item.get("settings", {})
+      differ = [f"{_DIGESTS[k]} changed" if k in _DIGESTS else f"{k} was {stored.get(k)!r}, now {settings[k]!r}"
+                for k in RESUME_SETTINGS if stored.get(k) != settings[k]]
+      if differ:
+        raise ValueError(f"{path}:1: written by a run with other settings ({'; '.join(differ)}); resume with "
+                         "the same settings, or delete the file to start over")
+    else:
+      sample_id = item.get("id") if isinstance(item, dict) else None
+      if sample_id not in input_ids:
+        raise ValueError(f"{path}:{number}: sample id {sample_id!r} is not in the input "
+                         f"{settings['input_jsonl']}; the progress file belongs to another run, delete it")
+      if sample_id in done:
+        raise ValueError(f"{path}:{number}: sample id {sample_id!r} a second time; the progress file is "
+                         "damaged, delete it to start over")
+      done[sample_id] = item
+    good_bytes += len(line) + 1
+  if header is None:  # died while writing the header: nothing was done
+    return {}, 0
+  if torn:
+    log.warning("%s: the last line was cut short (%d bytes), its row is decoded again", path, len(torn))
+  return done, good_bytes
+
+
+class ProgressWriter:
+  """Appends finished samples to a progress file, one JSON line each, flushed and fsynced per batch so
+  that a killed run loses at most the batch in flight."""
+
+  def __init__(self, path: pathlib.Path, header: dict, keep_bytes: int):
+    self.path = path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if keep_bytes:  # resuming: drop a torn last line before appending after it
+      os.truncate(path, keep_bytes)
+      self._file = open(path, "ab")
+    else:
+      self._file = open(path, "wb")
+      self._write([header])
+
+  def _write(self, items: Sequence[dict]) -> None:
+    self._file.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items).encode("utf-8"))
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def append(self, samples: Sequence[dict]) -> None:
+    self._write(samples)
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def process_batches(num_rows: int, rows_per_batch: int, process_index: int = 0, process_count: int = 1
+                    ) -> list[range]:
+  """Process `process_index`'s batches: the input cut into consecutive batches of `rows_per_batch` rows,
+  and these split into contiguous runs of whole batches, one per process, as even as whole batches allow.
+  Every process count thus puts the same rows together in a batch as one process does."""
+  num_batches = -(-num_rows // rows_per_batch)
+  first = process_index * num_batches // process_count
+  last = (process_index + 1) * num_batches // process_count
+  return [range(b * rows_per_batch, min((b + 1) * rows_per_batch, num_rows)) for b in range(first, last)]
+
+
+def agree_to_start(error: Exception | None, process_count: int) -> None:
+  """Raises on every process when any one of them cannot start, so that none waits for the others."""
+  refused = []
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+    refused = np.flatnonzero(multihost_utils.process_allgather(np.int32(error is not None))).tolist()
+  if error is not None:
+    raise error
+  if refused:
+    raise ValueError(f"process(es) {refused} of {process_count} could not start (their own logs say why); "
+                     "this one stops too")
+
+
+def gather_from_processes(payload: dict, process_count: int) -> list[dict]:
+  """Every process's JSON `payload`, in process order, on every process (over jax's collectives, so
+  the hosts need no shared filesystem)."""
+  if process_count == 1:
+    return [payload]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(payload, ensure_ascii=False).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  everything = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(everything[i, :sizes[i]].tobytes().decode("utf-8")) for i in range(process_count)]
+
+
+def barrier(name: str, process_count: int) -> None:
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 # --- The run ------------------------------------------------------------------------------------------
@@ -316,57 +503,95 @@ def read_chat_config(model_path: str) -> dict:
 
 def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root: str | None = None,
                   batch_size: int = 8, teacher_pool_file: str | None = None, num_teachers: int = 0,
-                  *, progress: bool = True, **options) -> dict:
+                  *, progress: bool = True, resume: bool = False, split_across_processes: bool = True,
+                  **options) -> dict:
   """Runs inference over `input_jsonl` and writes the responses file; returns its content.
 
   `options` are the other InferenceConfig fields (max_new_tokens, temperature, top_p,
   teacher_selection, seed, model_max_length, prompt_language, min_pixels, max_pixels, dtype).
+  `resume` continues from the progress file of an interrupted run with the same settings; without it an
+  existing progress file is refused. Under jax.distributed the rows are split across the processes
+  unless `split_across_processes` is False (then this process decodes them all, alone).
   """
   from tqdm import tqdm
 
-  trained_chat = read_chat_config(model_path)
-  for key in ("prompt_language", "min_pixels", "max_pixels"):
-    if options.get(key) is None and key in trained_chat:
-      options[key] = trained_chat[key]  # the prompts the model was trained with
-  options = {k: v for k, v in options.items() if v is not None}
-  config = InferenceConfig(batch_size=batch_size, num_teachers=num_teachers if teacher_pool_file else 0,
-                           **options)
-  if num_teachers and not teacher_pool_file:
-    raise ValueError("--num_teachers needs --teacher_pool_file")
-  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-  model = load_inference_model(model_path, dtype)
-  model_config = model.config
-  head_predictor = HeadPredictor(model) if detection_head_of(model) is not None else None
-  tokenizer = load_tokenizer_for(model_path, model_config)
-  image_config = images_lib.ImageProcessorConfig(min_pixels=config.min_pixels, max_pixels=config.max_pixels)
-  hierarchy = {"label_hierarchy": trained_chat["label_hierarchy"]} if "label_hierarchy" in trained_chat else {}
-  processor = ChatProcessor(tokenizer, ChatConfig(prompt_language=config.prompt_language, images=image_config,
-                                                  **hierarchy))
-  loader = ImageLoader(data_root)
-  records, rejects = records_lib.load_records(input_jsonl, on_error="skip")
+  # ===== Setup: every process checks its part, then all agree to start ============================
+  process_index, process_count = ((jax.process_index(), jax.process_count()) if split_across_processes
+                                  else (0, 1))
+  error = None
+  try:
+    trained_chat = read_chat_config(model_path)
+    for key in ("prompt_language", "min_pixels", "max_pixels"):
+      if options.get(key) is None and key in trained_chat:
+        options[key] = trained_chat[key]  # the prompts the model was trained with
+    options = {k: v for k, v in options.items() if v is not None}
+    config = InferenceConfig(batch_size=batch_size, num_teachers=num_teachers if teacher_pool_file else 0,
+                             **options)
+    if num_teachers and not teacher_pool_file:
+      raise ValueError("--num_teachers needs --teacher_pool_file")
+    records, rejects = records_lib.load_records(input_jsonl, on_error="skip")
 
-  mesh = data_mesh()
-  rows_per_batch = config.batch_size
-  if mesh is not None:  # every data-parallel device gets the same number of rows
-    rows_per_batch = -(-rows_per_batch // mesh.size) * mesh.size
-  generator = Generator(model, mesh=mesh)
-  if mesh is not None:
-    generator.state = jax.device_put(generator.state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  settings = GenerationSettings(max_new_tokens=config.max_new_tokens,
-                                eos_token_ids=tuple(sorted({tokenizer.special.eos_token_id, model_config.eos_token_id})),
-                                pad_token_id=model_config.pad_token_id, temperature=config.temperature,
-                                top_p=config.top_p)
+    # Which rows are this process's, and which of them an earlier run finished.
+    mesh = data_mesh(jax.local_devices())
+    rows_per_batch = config.batch_size
+    if mesh is not None:  # every data-parallel device gets the same number of rows
+      rows_per_batch = -(-rows_per_batch // mesh.size) * mesh.size
+    batches = process_batches(len(records), rows_per_batch, process_index, process_count)
+    share = [index for batch in batches for index in batch]
+    settings = run_settings(model_path, input_jsonl, teacher_pool_file, config)
+    progress_file = progress_path(output_file, process_index, process_count)
+    foreign = foreign_progress_files(output_file, process_count)
+    if foreign:
+      raise ValueError(f"{foreign[0]}: progress of a run with another number of processes than this one's "
+                       f"{process_count}; resume with that number, or delete {len(foreign)} such file(s) to "
+                       "start over")
+    done, keep_bytes = {}, 0
+    if progress_file.exists():
+      if not resume:
+        raise ValueError(f"{progress_file} exists: the progress of an earlier run that did not finish; pass "
+                         "--resume to continue it, or delete the file to start over")
+      done, keep_bytes = read_progress(progress_file, settings, {r["id"] for r in records})
+    todo = [index for index in share if records[index]["id"] not in done]
+    who = f"process {process_index} of {process_count}: " if process_count > 1 else ""
+    if resume and progress_file.exists():
+      log.info("%sresuming from %s: %d of %d rows already done, %d remain", who, progress_file,
+               len(share) - len(todo), len(share), len(todo))
+    else:
+      log.info("%s%s%d rows to decode; finished batches go to %s", who,
+               "no progress file to resume from; " if resume else "", len(todo), progress_file)
 
-  pool: list[dict] = []
-  pool_ids: list[str] = []
-  features = embedder = None
-  if config.num_teachers:
-    pool, _ = records_lib.load_records(teacher_pool_file, on_error="skip")
-    pool_ids = [r["id"] for r in pool]
-    if config.teacher_selection == "similar":
-      embedder = VisionEmbedder(model)
-      features = pool_features(embedder, pool, loader, image_config, config.batch_size,
-                               pool_features_path(output_file, model_path, teacher_pool_file, image_config))
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    model = load_inference_model(model_path, dtype)
+    model_config = model.config
+    head_predictor = HeadPredictor(model) if detection_head_of(model) is not None else None
+    tokenizer = load_tokenizer_for(model_path, model_config)
+    image_config = images_lib.ImageProcessorConfig(min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+    hierarchy = {"label_hierarchy": trained_chat["label_hierarchy"]} if "label_hierarchy" in trained_chat else {}
+    processor = ChatProcessor(tokenizer, ChatConfig(prompt_language=config.prompt_language, images=image_config,
+                                                    **hierarchy))
+    loader = ImageLoader(data_root)
+    generator = Generator(model, mesh=mesh)
+    if mesh is not None:
+      generator.state = jax.device_put(generator.state,
+                                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    generation = GenerationSettings(
+        max_new_tokens=config.max_new_tokens,
+        eos_token_ids=tuple(sorted({tokenizer.special.eos_token_id, model_config.eos_token_id})),
+        pad_token_id=model_config.pad_token_id, temperature=config.temperature, top_p=config.top_p)
+
+    pool: list[dict] = []
+    pool_ids: list[str] = []
+    features = embedder = None
+    if config.num_teachers:
+      pool, _ = records_lib.load_records(teacher_pool_file, on_error="skip")
+      pool_ids = [r["id"] for r in pool]
+      if config.teacher_selection == "similar" and todo:
+        embedder = VisionEmbedder(model)
+        features = pool_features(embedder, pool, loader, image_config, config.batch_size,
+                                 pool_features_path(output_file, model_path, teacher_pool_file, image_config))
+  except Exception as setup_error:  # pylint: disable=broad-except  (re-raised by agree_to_start)
+    error = setup_error
+  agree_to_start(error, process_count)
 
   def choose_teachers(index: int, record: dict) -> list[int]:
     if not config.num_teachers:
@@ -377,64 +602,93 @@ def run_inference(model_path: str, input_jsonl: str, output_file: str, data_root
     query = embedder([_process(record, loader, image_config)], 1)[0]
     return most_similar(query, features, pool_ids, record["id"], config.num_teachers)
 
-  samples: list[dict] = []
+  # ===== Decode this process's rows, appending each finished batch to the progress file ===========
+  header = {"format": PROGRESS_FORMAT, "process": [process_index, process_count], "settings": settings}
+  writer = ProgressWriter(progress_file, header, keep_bytes)
+  finished: dict[str, dict] = dict(done)
   start_time = time.perf_counter()
-  generated_tokens = 0
-  bar = tqdm(total=len(records), unit="img", disable=not progress, desc="infer")
-  for batch_start in range(0, len(records), rows_per_batch):
-    chunk = records[batch_start:batch_start + rows_per_batch]
-    prompts, ready, slots = [], [], [None] * len(chunk)
-    for offset, record in enumerate(chunk):
+  generated_tokens = decoded = 0
+  bar = tqdm(total=len(share), initial=len(share) - len(todo), unit="img", disable=not progress,
+             desc=f"infer {process_index}/{process_count}" if process_count > 1 else "infer")
+  for batch_rows in batches:
+    indices = [index for index in batch_rows if records[index]["id"] not in done]
+    if not indices:
+      continue
+    prompts, ready, slots = [], [], {}
+    for index in indices:
+      record = records[index]
       teacher_ids: list[str] = []
       try:  # similar-teacher selection reads the student's image too
-        teachers = [pool[i] for i in choose_teachers(batch_start + offset, record)] if pool else []
+        teachers = [pool[i] for i in choose_teachers(index, record)] if pool else []
         teacher_ids = [t["id"] for t in teachers]
         prompt = processor.build_inference_prompt(record, teachers, image_loader=loader)
-      except (ValueError, OSError) as error:
+      except (ValueError, OSError) as row_error:
         failed = _sample(record, teacher_ids)
-        failed["error"] = f"unreadable image: {error}"
-        slots[offset] = failed
+        failed["error"] = f"unreadable image: {row_error}"
+        slots[index] = failed
         continue
       if len(prompt["input_ids"]) > config.model_max_length:
         failed = _sample(record, teacher_ids)
         failed["error"] = (f"prompt too long: {len(prompt['input_ids'])} tokens > model_max_length "
                            f"{config.model_max_length}")
-        slots[offset] = failed
+        slots[index] = failed
         continue
       prompts.append(prompt)
-      ready.append((offset, record, teacher_ids))
+      ready.append((index, record, teacher_ids))
     if prompts:
       batch = make_prompt_batch(prompts, model_config, batch_size=rows_per_batch)
-      output = generator.generate(batch, settings, seed=config.seed,
-                                  row_seeds=np.arange(batch_start, batch_start + rows_per_batch))
+      # A row's sampling stream is its input index: the same answer whichever rows share its batch.
+      row_seeds = [index for index, _, _ in ready]
+      row_seeds += range(len(records), len(records) + rows_per_batch - len(ready))  # filler rows
+      output = generator.generate(batch, generation, seed=config.seed, row_seeds=np.asarray(row_seeds))
       head = head_predictor(batch, prompts, tokenizer) if head_predictor is not None else None
-      for row, (offset, record, teacher_ids) in enumerate(ready):
-        slots[offset] = response_sample(record, teacher_ids, processor, output.row_tokens(row),
-                                        output.row_log_probs(row))
+      for row, (index, record, teacher_ids) in enumerate(ready):
+        slots[index] = response_sample(record, teacher_ids, processor, output.row_tokens(row),
+                                       output.row_log_probs(row))
         if head is not None:
-          slots[offset]["head_prediction"] = head_objects(*(x[row] for x in head), tokenizer, processor, record)
+          slots[index]["head_prediction"] = head_objects(*(x[row] for x in head), tokenizer, processor, record)
         generated_tokens += int(output.lengths[row])
-    samples.extend(slots)
-    bar.update(len(chunk))
+    batch_samples = [slots[index] for index in indices]
+    writer.append(batch_samples)
+    finished.update((s["id"], s) for s in batch_samples)
+    decoded += len(indices)
+    bar.update(len(indices))
     elapsed = time.perf_counter() - start_time
-    bar.set_postfix(img_per_s=f"{(batch_start + len(chunk)) / max(elapsed, 1e-9):.2f}",
+    bar.set_postfix(img_per_s=f"{decoded / max(elapsed, 1e-9):.2f}",
                     tok_per_s=f"{generated_tokens / max(elapsed, 1e-9):.1f}")
   bar.close()
+  writer.close()
 
+  # ===== Gather every process's samples; process 0 writes them in input order ======================
   elapsed = time.perf_counter() - start_time
+  parts = gather_from_processes({"samples": list(finished.values()), "generated_tokens": generated_tokens,
+                                 "compilations": generator.trace_count, "decoded": decoded,
+                                 "resumed": len(share) - len(todo)}, process_count)
+  by_id: dict[str, dict] = {}
+  for part in parts:
+    for sample in part["samples"]:
+      by_id.setdefault(sample["id"], sample)
+  missing = [r["id"] for r in records if r["id"] not in by_id]
+  if missing:
+    raise RuntimeError(f"no sample for {len(missing)} input row(s) after decoding, e.g. {missing[:3]}")
   responses = {
       "model_path": str(model_path),
       "mode": "teacher_guided" if config.num_teachers else "standard",
       "config": {**dataclasses.asdict(config), "input_jsonl": str(input_jsonl), "data_root": data_root,
                  "teacher_pool_file": teacher_pool_file, "devices": len(jax.devices()),
-                 "compilations": generator.trace_count, "seconds": round(elapsed, 3),
-                 "detection_head": head_predictor is not None,
-                 "generated_tokens": generated_tokens},
-      "samples": samples,
+                 "processes": process_count, "compilations": max(p["compilations"] for p in parts),
+                 "seconds": round(elapsed, 3), "detection_head": head_predictor is not None,
+                 "generated_tokens": sum(p["generated_tokens"] for p in parts),
+                 "resumed_samples": sum(p["resumed"] for p in parts),
+                 "decoded_samples": sum(p["decoded"] for p in parts)},
+      "samples": [by_id[r["id"]] for r in records],
   }
   if rejects:
     responses["rejected_records"] = [{"line": r.get("line"), "error": r.get("error")} for r in rejects]
-  write_json_atomic(output_file, responses)
+  if process_index == 0:
+    write_json_atomic(output_file, responses)
+  barrier("bbu_jax.infer: output written", process_count)  # only then is the progress no longer needed
+  progress_file.unlink()
   return responses
 
 
@@ -460,21 +714,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--max_pixels", type=int, default=None, help=trained + str(images_lib.MAX_PIXELS))
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--no_progress", action="store_true")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run from <output_file>.partial.jsonl (same settings)")
+  parser.add_argument("--this_process_only", action="store_true",
+                      help="decode every row in this process even under jax.distributed (bbu_jax.train's "
+                           "final evaluation runs on process 0 alone)")
   return parser.parse_args(argv)
+
+
+def _setup_logging() -> None:
+  """This module's INFO lines on stderr when nobody configured logging (bbu_jax.train does)."""
+  log.setLevel(logging.INFO)
+  root = logging.getLogger()
+  if not root.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  _setup_logging()
+  if not args.this_process_only:
+    from bbu_jax.parallel import distributed
+    distributed.initialize_distributed()  # one process unless JAX_COORDINATOR_ADDRESS, srun or a TPU pod say more
   options = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "teacher_selection", "seed",
                                             "model_max_length", "prompt_language", "min_pixels", "max_pixels",
                                             "dtype")}
   try:
     responses = run_inference(args.model_path, args.input_jsonl, args.output_file, args.data_root,
                               args.batch_size, args.teacher_pool_file, args.num_teachers,
-                              progress=not args.no_progress, **options)
+                              progress=not args.no_progress, resume=args.resume,
+                              split_across_processes=not args.this_process_only, **options)
   except (ValueError, FileNotFoundError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  if responses["config"]["processes"] > 1 and jax.process_index() != 0:
+    return 0  # process 0 wrote the output and says so
   failed = sum(1 for s in responses["samples"] if s.get("error"))
   print(f"{len(responses['samples'])} samples ({failed} failed) in {responses['config']['seconds']}s, "
         f"{responses['config']['compilations']} compilation(s); written to {args.output_file}")

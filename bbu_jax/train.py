@@ -314,10 +314,15 @@ def evaluate_after_training(config, model_dir: pathlib.Path, run_dir: pathlib.Pa
   eval_dir = run_dir / "eval"
   eval_dir.mkdir(parents=True, exist_ok=True)
   responses = eval_dir / "responses.json"
+  stale = infer_lib.progress_path(responses)
+  if stale.exists():  # an evaluation killed half-way, of a model saved again since: start it over
+    log.info("removing %s, the progress of an earlier evaluation that did not finish", stale)
+    stale.unlink()
   log.info("inference on %s with the trained model", config.val_data_path)
   status = infer_lib.main(["--model_path", str(model_dir), "--input_jsonl", config.val_data_path,
                            "--output_file", str(responses), "--data_root", config.data_root or ".",
-                           "--batch_size", str(config.eval_batch_size), "--max_new_tokens", str(config.max_new_tokens)])
+                           "--batch_size", str(config.eval_batch_size), "--max_new_tokens", str(config.max_new_tokens),
+                           "--this_process_only"])  # only process 0 gets here: it must not wait for the others
   if status:
     raise RuntimeError(f"inference on {config.val_data_path} failed with status {status}")
   out = {}
