@@ -131,12 +131,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
   q: (batch, q_len, heads, head_dim); k, v: (batch, kv_len, kv_heads, head_dim), heads a multiple of
   kv_heads; mask: bool, broadcastable to (batch, heads, q_len, kv_len). Softmax in float32, as
   transformers' eager attention does. Rows whose mask is all False return zeros, never NaN.
-  `implementation`: "xla" (portable einsum), or "cudnn" (jax.nn.dot_product_attention's fused kernel
-  on GPU).
+  `implementation`: "xla" (portable einsum), or "cudnn" (jax.nn.dot_product_attention's fused flash
+  kernel on GPU; the boolean mask becomes an additive bias). cuDNN's kernel takes only 16-bit inputs:
+  float32 q/k/v take the "xla" path whatever `implementation` says.
   """
-  if implementation == "cudnn":
+  if implementation == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-  if implementation != "xla":
+  if implementation not in ("xla", "cudnn"):
     raise ValueError(f"unknown attention implementation {implementation!r}")
   b, s, h, d = q.shape
   kvh = k.shape[2]

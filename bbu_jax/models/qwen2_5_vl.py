@@ -54,7 +54,8 @@ class Qwen25VL(nnx.Module):
     self.config = config
     self.dtype = dtype
     self.lora_config = lora if lora is not None and lora.enabled else None
-    self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, remat_policy=remat_policy)
+    self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, remat_policy=remat_policy,
+                              attention_impl=attention_impl)
     self.language_model = TextDecoder(config.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                       remat_policy=remat_policy, attention_impl=attention_impl,
                                       lora=self.lora_config)

@@ -174,10 +174,11 @@ class PatchEmbed(nnx.Module):
 
 class VisionAttention(nnx.Module):
 
-  def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla"):
     hidden = config.hidden_size
     self.num_heads = config.num_heads
     self.head_dim = config.head_dim
+    self.attention_impl = attention_impl
     self.qkv = Linear(hidden, 3 * hidden, axes=("vision_embed", "vision_heads"), use_bias=True, rngs=rngs,
                       dtype=dtype)
     self.proj = Linear(hidden, hidden, axes=("vision_heads", "vision_embed"), use_bias=True, rngs=rngs,
@@ -190,7 +191,7 @@ class VisionAttention(nnx.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
-    out = dot_product_attention(q, k, v, mask)
+    out = dot_product_attention(q, k, v, mask, implementation=self.attention_impl)
     return self.proj(out.reshape(b, p, -1))
 
 
@@ -213,10 +214,10 @@ class VisionMLP(nnx.Module):
 
 class VisionBlock(nnx.Module):
 
-  def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str = "xla"):
     self.norm1 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axis_name="vision_embed", rngs=rngs)
     self.norm2 = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, axis_name="vision_embed", rngs=rngs)
-    self.attn = VisionAttention(config, rngs=rngs, dtype=dtype)
+    self.attn = VisionAttention(config, rngs=rngs, dtype=dtype, attention_impl=attention_impl)
     self.mlp = VisionMLP(config, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
@@ -259,10 +260,11 @@ class VisionTower(nnx.Module):
 
   Call with pixel_values (B, P, patch_dim) and the stacked `vision_metadata` of each row; returns
   (B, P // merge_unit, out_hidden_size) merged features in the patches' order. Merged tokens whose
-  `merged_valid` is False hold arbitrary values.
+  `merged_valid` is False hold arbitrary values. `attention_impl` is passed to layers.dot_product_attention.
   """
 
-  def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat_policy: str = "none"):
+  def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat_policy: str = "none",
+               attention_impl: str = "xla"):
     if config.hidden_size % config.num_heads or config.head_dim % 4:
       raise ValueError(f"vision hidden_size {config.hidden_size} / num_heads {config.num_heads} must give a "
                        "head_dim divisible by 4 (2D rotary)")
@@ -278,7 +280,7 @@ class VisionTower(nnx.Module):
     @nnx.split_rngs(splits=config.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(block_rngs: nnx.Rngs) -> VisionBlock:
-      return VisionBlock(config, rngs=block_rngs, dtype=dtype)
+      return VisionBlock(config, rngs=block_rngs, dtype=dtype, attention_impl=attention_impl)
 
     self.blocks = make_blocks(rngs)
     self.merger = PatchMerger(config, rngs=rngs, dtype=dtype)
