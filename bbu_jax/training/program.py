@@ -31,6 +31,7 @@ class Program:
   train_step: Callable  # jitted, donates the state: (state, batch) -> (state, metrics)
   eval_step: Callable  # jitted, no gradients: (trainable, frozen, batch) -> loss sums and denominators
   schedules: dict
+  loss_weights: step_lib.LossWeights  # how train_step and eval_step weigh the loss terms
 
   def abstract_sharded_state(self) -> step_lib.TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
@@ -100,7 +101,7 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
                       in_shardings=(state_shardings.trainable, state_shardings.frozen, None))
   return Program(make_model=make_model, graphdef=graphdef, abstract_state=abstract_state,
                  state_shardings=state_shardings, init_state=jax.jit(init_state, out_shardings=state_shardings),
-                 train_step=train_step, eval_step=eval_step, schedules=schedules)
+                 train_step=train_step, eval_step=eval_step, schedules=schedules, loss_weights=loss_weights)
 
 
 def state_shardings_for_grads(abstract_state: step_lib.TrainState, mesh):
