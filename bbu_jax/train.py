@@ -362,7 +362,7 @@ def check_finite(unchecked: list, records: Sequence[dict], checkpointer: checkpo
       continue
     indices = sorted({int(i) for i in np.asarray(sample_ids).reshape(-1) if i >= 0})
     ids = [str(records[i]["id"]) for i in indices]
-    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the loss is {loss} but the gradient norm is {grad_norm}"
+    what = f"the loss is {loss}" + ("" if not math.isfinite(loss) else f" but the gradient norm is {grad_norm}")
     latest = checkpointer.latest_step()
     raise NonFiniteLossError(
         f"{what} at step {step}; the batch's samples (record ids) are {', '.join(ids)} (indices {indices} of "

@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from bbu_jax.models import bbu_model
 from bbu_jax.models.detection_head import DetectionLossWeights
 from bbu_jax.parallel import sharding
 from bbu_jax.training import program as program_lib
+from bbu_jax.training import step as step_lib
 from bbu_jax.training.checkpoint import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -254,6 +256,44 @@ def test_best_checkpoint_is_kept_exported_and_its_val_loss_recomputes(val_run, t
   for path, value in exported_params:
     np.testing.assert_array_equal(np.asarray(value.get_value()), np.asarray(best_params[path].get_value()),
                                   err_msg=str(path))
+
+
+def test_validation_loss_adds_up_the_split_pads_the_last_batch_and_stops_at_eval_max_batches():
+  """validation_loss on a stub eval step: one shape for every batch, sums over the split before dividing."""
+  rows, seq = 2, 4
+
+  def host_batch(n_rows, first_id):
+    ids = np.arange(first_id, first_id + n_rows)
+    return {"input_ids": np.ones((n_rows, seq), np.int32), "positions": np.zeros((3, n_rows, seq), np.int32),
+            "student_loss_mask": np.ones((n_rows, seq), np.float32) * (1 + ids[:, None]),
+            "sample_ids": np.stack([ids, np.full(n_rows, -1)], axis=1).astype(np.int64)}
+
+  empty = {"input_ids": np.zeros((rows, seq), np.int32), "positions": np.zeros((3, rows, seq), np.int32),
+           "student_loss_mask": np.zeros((rows, seq), np.float32), "sample_ids": np.full((rows, 2), -1, np.int64)}
+  shapes = []
+
+  def eval_step(trainable, frozen, batch):  # row i's tokens weigh i + 1 and each loses i + 1
+    shapes.append(batch["input_ids"].shape)
+    mask = batch["student_loss_mask"]
+    tokens = mask.sum()
+    terms = {"teacher_lm_sum": jnp.zeros(()), "teacher_tokens": jnp.zeros(()),
+             "student_lm_sum": (mask * mask).sum(), "student_tokens": tokens}
+    return {"terms": terms, "normalizers": {"lm": tokens}}
+
+  program = SimpleNamespace(eval_step=eval_step, loss_weights=step_lib.LossWeights())
+  state = SimpleNamespace(trainable=None, frozen=None)
+  mesh = sharding.make_mesh(config_lib.base_config().mesh)
+  batches = [host_batch(2, 0), host_batch(2, 2), host_batch(1, 4)]
+  val = train_lib.validation_loss(program, state, batches, empty_batch=empty, mesh=mesh)
+  assert shapes == [(1, rows, seq)] * 3  # the last batch completed with an empty row
+  assert val["val_samples"] == 5 and val["val_batches"] == 3
+  # The split's sums over its denominators (4 tokens a row): not the mean of the batch means (3.41).
+  whole = sum(4 * (i + 1) ** 2 for i in range(5)) / sum(4 * (i + 1) for i in range(5))
+  assert val["val_loss"] == pytest.approx(whole) and val["val_student_lm_loss"] == pytest.approx(whole)
+  val = train_lib.validation_loss(program, state, batches, empty_batch=empty, mesh=mesh, max_batches=2)
+  assert val["val_samples"] == 4 and val["val_batches"] == 2
+  assert val["val_loss"] == pytest.approx(sum(4 * (i + 1) ** 2 for i in range(4)) / sum(4 * (i + 1) for i in range(4)))
+  assert train_lib.validation_loss(program, state, [], empty_batch=empty, mesh=mesh) is None
 
 
 # --- Checkpoints ranked by val_loss ----------------------------------------------------------------
