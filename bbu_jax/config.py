@@ -120,6 +120,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_steps = 10
   c.save_steps = 100
   c.save_total_limit = 3
+  # Validation loss on val_data_path (no teachers, no shuffling) every eval_steps steps and at the end;
+  # 0 = at the end only. It ranks checkpoints: the best one by val_loss is kept beside the newest.
+  c.eval_steps = 0
+  c.eval_max_batches = 0  # batches of the validation split per evaluation; 0 = the whole split
+  c.load_best_model_at_end = False  # export the best checkpoint by val_loss instead of the last
   c.eval_after_training = True
   c.eval_batch_size = 8
   c.max_new_tokens = 512
@@ -171,6 +176,17 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None, nu
                "num_train_epochs", "log_steps", "save_steps", "save_total_limit"):
     if c[name] < 1:
       fail(name, f"must be >= 1, got {c[name]}")
+  for name in ("eval_steps", "eval_max_batches"):
+    if c[name] < 0:
+      fail(name, f"must be >= 0, got {c[name]}")
+  if c.load_best_model_at_end:
+    if not c.val_data_path:
+      fail("load_best_model_at_end", "needs val_data_path: the best checkpoint is the one with the lowest val_loss")
+    if c.eval_steps == 0:
+      fail("load_best_model_at_end", "needs eval_steps > 0: with 0 only the last checkpoint has a val_loss")
+    if c.save_steps % c.eval_steps:
+      fail("save_steps", f"must be a multiple of eval_steps ({c.eval_steps}) when load_best_model_at_end, so "
+           f"that every checkpoint has a val_loss, got {c.save_steps}")
   if c.max_steps < 0:
     fail("max_steps", f"must be >= 0, got {c.max_steps}")
   if c.teacher_loss_weight < 0 or c.student_loss_weight < 0:

@@ -1,7 +1,9 @@
 """Training: `python -m bbu_jax.train --config configs/exp.py [--config.FIELD=VALUE ...]`.
 
-One top-down run, big_vision style: setup, data, model, optimizer and shardings, restore, the loop,
-and the final evaluation. Helpers live in their modules; this file reads as the story of a run.
+One top-down run, big_vision style: setup, data, model, optimizer and shardings, restore, the loop
+(with the validation loss every `eval_steps` and a stop on the first non-finite loss), the export of the
+last or the best checkpoint, and the final evaluation. Helpers live in their modules; this file reads as
+the story of a run.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from bbu_jax.training import checkpoint as checkpoint_lib
 from bbu_jax.training import metrics as metrics_lib
 from bbu_jax.training import optimizer as optimizer_lib
 from bbu_jax.training import program as program_lib
+from bbu_jax.training import step as step_lib
 
 log = logging.getLogger("bbu_jax.train")
 
 
 class NonFiniteLossError(RuntimeError):
-  pass
+  """A step's loss or gradient norm is NaN or Inf; the message names the step and the batch's samples."""
 
 
 # --- Pieces of setup -----------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def train(config) -> dict:
   # ===== Data ================================================================================
   prepare_data(config)
   train_records = load_split(config.train_data_path, config, run_dir, "train")
-  load_split(config.val_data_path, config, run_dir, "val")  # refuse a bad validation file now, not after training
+  val_records = load_split(config.val_data_path, config, run_dir, "val")  # a bad file is refused now, not at the end
   teacher_pool = load_split(config.teacher_pool_file, config, run_dir, "teacher_pool") if config.teacher_ratio > 0 else []
   chat_config = pipeline_lib.chat_config_from(config, label_hierarchy(config, train_records))
   tokenizer = build_tokenizer(config, run_dir, train_records + teacher_pool, chat_config)
@@ -204,6 +207,17 @@ def train(config) -> dict:
   dataset = pipeline_lib.build_dataset(train_records, processor, pipeline_config, model_config.vision,
                                        teacher_pool=teacher_pool, data_root=config.data_root or None)
   rows_per_epoch = estimate_rows_per_epoch(train_records, processor, tokenizer, packing_config, config.seed)
+  # Validation: the same ChatProcessor and packing, one pass in file order, no teachers, the last batch
+  # padded with empty rows; one micro-batch of the training rows per eval step.
+  val_pipeline_config = pipeline_lib.pipeline_config_from(
+      config, model_config.vision, batch_size=global_rows // jax.process_count(), is_training=False,
+      num_epochs=1, process_index=jax.process_index(), process_count=jax.process_count(),
+      rejects_path=str(run_dir / f"rejected_val_samples_{jax.process_index()}.jsonl"),
+      max_caption_tokens=chat_config.max_caption_tokens)
+  val_dataset = (pipeline_lib.build_dataset(val_records, processor, val_pipeline_config, model_config.vision,
+                                            data_root=config.data_root or None) if val_records else None)
+  val_empty_batch = packing_lib.collate_rows(
+      [packing_lib.empty_row(val_pipeline_config.packing, model_config.vision)] * val_pipeline_config.batch_size)
   steps_per_epoch = max(1, rows_per_epoch // (global_rows * config.gradient_accumulation_steps))
   total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
   log.info("data: about %d packed rows per epoch -> %d steps per epoch, %d steps in all (%d rows x %d "
@@ -245,7 +259,26 @@ def train(config) -> dict:
   previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
   flops_per_token = _flops_per_token(model_config)
   step = start_step
-  window_tokens, window_t0, last_metrics = 0, time.perf_counter(), {}
+  window_tokens, window_t0, last_metrics, last_val = 0, time.perf_counter(), {}, {}
+  # Steps whose loss has not been looked at yet: (step, loss, grad norm, batch sample ids). Reading a
+  # loss waits for its step, so they are read in one go before anything uses the state (a log line, an
+  # evaluation, a checkpoint): the run stays asynchronous and never saves a state after a bad step.
+  unchecked: list[tuple[int, jax.Array, jax.Array, np.ndarray]] = []
+
+  def validate_and_log(state) -> dict:
+    """The validation loss of `state`, logged; {"step": step, "val_loss": ..., ...} ({"step"} alone if none)."""
+    t0 = time.perf_counter()
+    val = validation_loss(program, state, val_dataset, empty_batch=val_empty_batch, mesh=mesh,
+                          max_batches=config.eval_max_batches)
+    if val is None:
+      log.warning("step %d: no validation loss: every sample of %s was rejected (see rejected_val_samples_*.jsonl)",
+                  step, config.val_data_path)
+      return {"step": step}
+    writer.write(step, val, prefix="val")
+    log.info("step %d: %s", step, describe_validation(val, seconds=time.perf_counter() - t0,
+                                                      best=_best_val_loss(checkpointer)))
+    return {**val, "step": step}
+
   try:
     while step < total_steps:
       try:
@@ -260,12 +293,15 @@ def train(config) -> dict:
       state, metrics = train_step(state, batch)
       step += 1
       window_tokens += tokens
-      if step % config.log_steps == 0 or step == total_steps or step == start_step + 1:
+      unchecked.append((step, metrics["loss"], metrics["grad_norm"], sample_ids))
+      due_log = step % config.log_steps == 0 or step == total_steps or step == start_step + 1
+      due_eval = val_dataset is not None and (
+          (config.eval_steps and step % config.eval_steps == 0) or step == total_steps)
+      due_save = step % config.save_steps == 0 or stop["signal"] is not None
+      if due_log or due_eval or due_save:
+        check_finite(unchecked, train_records, checkpointer)
+      if due_log:
         metrics = jax.device_get(metrics)
-        if not math.isfinite(float(metrics["loss"])):
-          raise NonFiniteLossError(f"loss is {float(metrics['loss'])} at step {step}; batch sample ids "
-                                   f"{sample_ids[sample_ids >= 0].tolist()}; the last good checkpoint is "
-                                   f"{checkpointer.latest_step()}")
         elapsed = time.perf_counter() - window_t0
         metrics["tokens_per_s"] = window_tokens * jax.process_count() / max(elapsed, 1e-9)
         metrics["packing_efficiency"] = packing_lib.packing_efficiency(host_batch)
@@ -274,13 +310,24 @@ def train(config) -> dict:
         writer.write(step, metrics)
         progress.report(step, metrics)
         window_tokens, window_t0, last_metrics = 0, time.perf_counter(), metrics
-      if step % config.save_steps == 0 or stop["signal"] is not None:
-        checkpointer.save(step, state, data_state=iterator.get_state(), meta={"step": step})
+      if due_eval and stop["signal"] is None:  # a preempted run saves at once and evaluates after resuming
+        last_val = validate_and_log(state)
+        window_t0 = time.perf_counter()  # the evaluation's time is not the training's tokens/s
+      if due_save:
+        checkpointer.save(step, state, data_state=iterator.get_state(), meta={"step": step},
+                          metrics=_checkpoint_metrics(last_val, step))
       if stop["signal"] is not None:
         break
+    check_finite(unchecked, train_records, checkpointer)
+    if val_dataset is not None and stop["signal"] is None and last_val.get("step") != step:
+      last_val = validate_and_log(state)  # the data ran out before total_steps
     if checkpointer.latest_step() != step:
-      checkpointer.save(step, state, data_state=iterator.get_state(), meta={"step": step}, force=True)
+      checkpointer.save(step, state, data_state=iterator.get_state(), meta={"step": step},
+                        metrics=_checkpoint_metrics(last_val, step), force=True)
     checkpointer.wait()
+    export_step = step
+    if config.load_best_model_at_end and stop["signal"] is None:
+      export_step, state = best_state(checkpointer, program, state, step)
   finally:
     signal.signal(signal.SIGTERM, previous_handler)
     checkpointer.close()
@@ -299,11 +346,100 @@ def train(config) -> dict:
         {"prompt_language": chat_config.prompt_language, "min_pixels": config.min_pixels,
          "max_pixels": config.max_pixels, "label_hierarchy": dict(chat_config.label_hierarchy),
          "model_max_length": config.model_max_length}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    log.info("saved the trained model (bbu_jax checkpoint with tokenizer) to %s", model_dir)
-  result = {"step": step, **{k: float(v) for k, v in last_metrics.items()}}
+    log.info("saved the trained model of step %d (bbu_jax checkpoint with tokenizer) to %s", export_step, model_dir)
+  result = {"step": step, "exported_step": export_step, **{k: float(v) for k, v in last_metrics.items()},
+            **{k: float(v) for k, v in last_val.items() if k != "step"}}
   if config.eval_after_training and config.val_data_path and is_main:
     result["eval"] = evaluate_after_training(config, model_dir, run_dir)
   return result
+
+
+def check_finite(unchecked: list, records: Sequence[dict], checkpointer: checkpoint_lib.Checkpointer) -> None:
+  """Reads the losses and gradient norms of the steps not yet checked; raises NonFiniteLossError at the
+  first NaN or Inf, naming the step and its batch's samples, before anything saves the state it made."""
+  values = jax.device_get([(loss, grad_norm) for _, loss, grad_norm, _ in unchecked])
+  for (step, _, _, sample_ids), (loss, grad_norm) in zip(unchecked, values):
+    loss, grad_norm = float(loss), float(grad_norm)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+      continue
+    indices = sorted({int(i) for i in np.asarray(sample_ids).reshape(-1) if i >= 0})
+    ids = [str(records[i]["id"]) for i in indices]
+    what = f"the loss is {loss}" + ("" if not math.isfinite(loss) else f" but the gradient norm is {grad_norm}")
+    latest = checkpointer.latest_step()
+    raise NonFiniteLossError(
+        f"{what} at step {step}; the batch's samples (record ids) are {', '.join(ids)} (indices {indices} of "
+        f"the training records, this process's rows); training stopped without saving that state: "
+        + (f"the last good checkpoint is step {latest} in {checkpointer.directory}" if latest is not None
+           else "no checkpoint was saved before it"))
+  unchecked.clear()
+
+
+def validation_loss(program: program_lib.Program, state, dataset, *, empty_batch: dict, mesh,
+                    max_batches: int = 0) -> dict | None:
+  """The loss terms of the validation split (or its first `max_batches` batches) under `state`, as
+  `val_*` metrics, with the split's sums and denominators added up over all batches first; None when no
+  sample made it into a batch. `empty_batch`: a batch of empty rows (no tokens, no loss, no objects),
+  which completes the last batch so that every batch has one shape (one compilation). Every process
+  runs the same number of eval steps (one that has run out feeds empty rows), since each step is one
+  collective program."""
+  iterator = iter(dataset)
+  terms_sum: dict[str, float] = {}
+  normalizers_sum: dict[str, float] = {}
+  batches, samples = 0, 0
+  while not max_batches or batches < max_batches:
+    host_batch = next(iterator, None)
+    if not _any_process(host_batch is not None):
+      break
+    host_batch = empty_batch if host_batch is None else _pad_rows(host_batch, empty_batch)
+    samples += int(np.sum(host_batch["sample_ids"] >= 0))
+    host_batch["sample_ids"] = host_batch["sample_ids"].astype(np.int32)
+    out = jax.device_get(program.eval_step(state.trainable, state.frozen, _to_device(host_batch, 1, mesh)))
+    for name, value in out["terms"].items():
+      terms_sum[name] = terms_sum.get(name, 0.0) + float(value)
+    for name, value in out["normalizers"].items():
+      normalizers_sum[name] = normalizers_sum.get(name, 0.0) + float(value)
+    batches += 1
+  samples = _sum_processes(samples)
+  if samples == 0:
+    return None
+  losses = step_lib.loss_breakdown(terms_sum, step_lib.clamp_normalizers(normalizers_sum), program.loss_weights)
+  losses.pop("teacher_lm_loss")  # validation has no teachers
+  return {**{f"val_{k}": float(v) for k, v in losses.items()}, "val_samples": samples, "val_batches": batches}
+
+
+def describe_validation(val: dict, *, seconds: float | None = None, best: tuple[int, float] | None = None) -> str:
+  """One line in words: `validation loss 2.3456 (language model 1.2345 on the student answers; detection:
+  box L1 0.1234, GIoU 0.3456, objectness 0.5678, caption 1.7890) on 32 samples in 8 batches, 1.2 s; the
+  best checkpoint so far is step 40 with 2.1000`."""
+  parts = [f"language model {val['val_lm_loss']:.4f} on the student answers"]
+  names = (("bbox_l1", "box L1"), ("giou", "GIoU"), ("objectness", "objectness"), ("caption", "caption"))
+  detection = [f"{label} {val[f'val_{name}_loss']:.4f}" for name, label in names if f"val_{name}_loss" in val]
+  if detection:
+    parts.append("detection: " + ", ".join(detection))
+  text = (f"validation loss {val['val_loss']:.4f} ({'; '.join(parts)}) on {val['val_samples']} samples in "
+          f"{val['val_batches']} batches")
+  if seconds is not None:
+    text += f", {seconds:.1f} s"
+  if best is not None:
+    text += f"; the best checkpoint so far is step {best[0]} with {best[1]:.4f}"
+  return text
+
+
+def best_state(checkpointer: checkpoint_lib.Checkpointer, program: program_lib.Program, state, step: int):
+  """(step, state) of the checkpoint with the lowest validation loss; the last ones when that is the last
+  step or no checkpoint has a validation loss."""
+  best = checkpointer.best_step()
+  if best is None:
+    log.warning("load_best_model_at_end: no checkpoint has a validation loss; exporting the last (step %d)", step)
+    return step, state
+  if best == step:
+    log.info("load_best_model_at_end: the last checkpoint (step %d) has the lowest validation loss", step)
+    return step, state
+  best_step, best_state_, _, _ = checkpointer.restore(program.abstract_sharded_state(), step=best)
+  log.info("load_best_model_at_end: exporting checkpoint %d, whose validation loss %.4f is the lowest (the last "
+           "step, %d, had %s)", best_step, checkpointer.metrics(best_step)["val_loss"], step,
+           _format_val_loss(checkpointer.metrics(step)))
+  return best_step, best_state_
 
 
 def evaluate_after_training(config, model_dir: pathlib.Path, run_dir: pathlib.Path) -> dict:
@@ -340,6 +476,50 @@ def evaluate_after_training(config, model_dir: pathlib.Path, run_dir: pathlib.Pa
 
 
 # --- Small helpers -------------------------------------------------------------------------------
+
+
+def _checkpoint_metrics(val: dict, step: int) -> dict | None:
+  """{"val_loss": ...} for a checkpoint when the validation at this very step gave a finite one."""
+  if val.get("step") == step and math.isfinite(val.get("val_loss", math.nan)):
+    return {"val_loss": val["val_loss"]}
+  return None
+
+
+def _best_val_loss(checkpointer: checkpoint_lib.Checkpointer) -> tuple[int, float] | None:
+  best = checkpointer.best_step()
+  return None if best is None else (best, checkpointer.metrics(best)["val_loss"])
+
+
+def _format_val_loss(metrics: dict | None) -> str:
+  return "no validation loss" if not metrics else f"{metrics['val_loss']:.4f}"
+
+
+def _pad_rows(host_batch: dict, empty: dict) -> dict:
+  """`host_batch` completed to the rows of `empty` with its empty rows (no tokens, no loss, no objects)."""
+  rows = empty["input_ids"].shape[0]
+  missing = rows - host_batch["input_ids"].shape[0]
+  if missing == 0:
+    return host_batch
+  out = {}
+  for name, value in host_batch.items():
+    axis = 1 if name == "positions" else 0
+    filler = empty[name][:, :missing] if axis == 1 else empty[name][:missing]
+    out[name] = np.concatenate([value, filler.astype(value.dtype)], axis=axis)
+  return out
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _sum_processes(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(value))))
 
 
 def _to_device(host_batch: dict, accumulation: int, mesh) -> dict:
@@ -429,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       result = train(config)
     except config_lib.ConfigError as e:
       sys.exit(f"bbu_jax.train: config error: {e}")  # one line, no traceback: the message names the field
+    except NonFiniteLossError as e:
+      log.error("stopped: %s", e)
+      sys.exit(f"bbu_jax.train: {e}")  # exit status 1; the last good checkpoint is left as it was
     if result.get("stopped"):
       sys.exit(128 + signal.SIGTERM)  # supervisors read a non-zero exit as "not finished: run again"
 

@@ -104,7 +104,8 @@ def finetuned(tmp_path_factory):
 
 def test_base_weights_stay_the_pretrained_ones_and_only_adapters_and_head_train(finetuned):
   _, hf_path, run_dir = finetuned
-  losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  losses = [row["loss"] for row in rows if row["split"] == "train"]
   assert len(losses) == 3 and all(np.isfinite(losses))
   model = bbu_model.load(run_dir / "model")
   assert model.lora_config is not None and model.lora_config.rank == LORA_RANK

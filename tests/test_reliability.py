@@ -83,8 +83,9 @@ def _train(root: pathlib.Path, *overrides: str, launcher: pathlib.Path | None = 
 
 
 def _metrics(run_dir: pathlib.Path) -> dict[int, dict]:
-  """The last logged metrics of every step (a resumed run logs the steps after its checkpoint again)."""
-  return {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+  """The last logged training metrics of every step (a resumed run logs the steps after its checkpoint again)."""
+  rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+  return {row["step"]: row for row in rows if row["split"] == "train"}
 
 
 def _losses(run_dir: pathlib.Path) -> dict[int, float]:
@@ -281,6 +282,11 @@ def _tiny_config(**fields):
     ({"mesh.data": 1, "mesh.fsdp": 2}, 4, 1, "mesh"),  # 2 devices named, 4 present
     # 4 devices all on the tensor axis: one row per step cannot be split over 4 processes.
     ({"mesh.data": -1, "mesh.tensor": 4, "per_device_train_batch_size": 1}, 4, 4, "per_device_train_batch_size"),
+    ({"eval_steps": -1}, 1, 1, "eval_steps"),
+    # The best checkpoint by val_loss needs evaluations, and a val_loss at every checkpoint.
+    ({"load_best_model_at_end": True}, 1, 1, "load_best_model_at_end"),
+    ({"load_best_model_at_end": True, "eval_steps": 2, "val_data_path": ""}, 1, 1, "load_best_model_at_end"),
+    ({"load_best_model_at_end": True, "eval_steps": 2, "save_steps": 3}, 1, 1, "save_steps"),
 ])
 def test_out_of_range_config_is_refused_naming_the_field(fields, num_devices, num_processes, field):
   config = _tiny_config(**fields)

@@ -23,7 +23,9 @@ KILL_AFTER = 16  # a SIGKILL once step 16 is logged: the resumed run restarts fr
 
 
 def _logged(metrics: pathlib.Path) -> list[int]:
-  return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+  if not metrics.exists():
+    return []
+  return [row["step"] for row in map(json.loads, metrics.read_text().splitlines()) if row["split"] == "train"]
 
 
 def _run_and_watch(root: pathlib.Path, kill_after: int | None) -> tuple[int, list[dict]]:

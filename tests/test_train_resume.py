@@ -25,11 +25,12 @@ def _env(root: pathlib.Path) -> dict:
 
 
 def _losses(run_dir: pathlib.Path) -> dict[int, float]:
-  """The last logged loss of every step (a resumed run logs the steps after its checkpoint again)."""
+  """The last logged training loss of every step (a resumed run logs the steps after its checkpoint again)."""
   out = {}
   for line in (run_dir / "metrics.jsonl").read_text().splitlines():
     row = json.loads(line)
-    out[row["step"]] = row["loss"]
+    if row["split"] == "train":
+      out[row["step"]] = row["loss"]
   return out
 
 
@@ -39,7 +40,7 @@ def _wait_for_step(run_dir: pathlib.Path, step: int, proc: subprocess.Popen, tim
   while time.time() < deadline:
     if proc.poll() is not None:
       raise AssertionError(f"training exited early with {proc.returncode}")
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+    if metrics.exists() and sum('"split": "train"' in line for line in metrics.read_text().splitlines()) >= step:
       return
     time.sleep(0.2)
   raise AssertionError(f"step {step} not reached in {timeout} s")

@@ -1,7 +1,9 @@
 """Orbax checkpoints of a training run: model + optimizer state, data iterator state, RNG, step.
 
 One layout for every run: `<run_dir>/checkpoints/<step>/{state,data,meta}`. Saves are asynchronous;
-the newest `keep_last` checkpoints and the best one by validation loss are kept. A checkpoint becomes
+the newest `keep_last` checkpoints and the best one by validation loss are kept: a save may carry
+`metrics={"val_loss": ...}`, which orbax writes beside the checkpoint (so the best one is still known
+after a resume); checkpoints saved without one are kept only while among the newest. A checkpoint becomes
 visible only once complete (orbax writes to a temporary folder and renames), and a latest checkpoint
 that cannot be read is reported, skipped in favour of the previous one, and moved aside.
 """
@@ -9,6 +11,7 @@ that cannot be read is reported, skipped in favour of the previous one, and move
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 import time
 from typing import Any
@@ -20,18 +23,26 @@ from orbax.checkpoint import checkpoint_managers as cm
 log = logging.getLogger(__name__)
 
 
+def _val_loss(metrics: dict | None) -> float:
+  """The ranking value of a checkpoint's metrics: its validation loss, +inf when it has none (or NaN)."""
+  value = (metrics or {}).get("val_loss")
+  return float(value) if value is not None and math.isfinite(float(value)) else math.inf
+
+
 class Checkpointer:
 
   def __init__(self, directory: str | pathlib.Path, *, keep_last: int = 3, async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute() if "://" not in str(directory) else directory
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(n=keep_last),
-        cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
-                 keep_checkpoints_without_metrics=False),
+        # Sorted by validation loss, highest first; the last n (the lowest) are kept.
+        cm.BestN(get_metric_fn=_val_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False),
     ])
+    # best_fn makes orbax write the metrics to disk and read them back on reload; without it the
+    # ranking lives in memory only and a resumed run forgets (and may delete) its best checkpoint.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True)
+        preservation_policy=policy, best_fn=_val_loss, best_mode="min", enable_async_checkpointing=async_save,
+        create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"),
                                          options=options)
 
@@ -42,9 +53,20 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
+  def best_step(self) -> int | None:
+    """The kept checkpoint with the lowest finite validation loss; None when no checkpoint has one."""
+    ranked = [(_val_loss(self.metrics(s)), s) for s in self.all_steps()]
+    ranked = [(loss, s) for loss, s in ranked if math.isfinite(loss)]
+    return min(ranked)[1] if ranked else None
+
+  def metrics(self, step: int) -> dict | None:
+    """The metrics saved with checkpoint `step` (e.g. {"val_loss": 1.23}), None when it has none."""
+    return self.manager.metrics(step)
+
   def save(self, step: int, state: Any, *, data_state: dict, meta: dict,
            metrics: dict | None = None, force: bool = False) -> bool:
-    """Starts an (async) save; `meta` holds small JSON facts (RNG seed, config, counters)."""
+    """Starts an (async) save; `meta` holds small JSON facts (RNG seed, config, counters); `metrics`
+    ({"val_loss": ...}) ranks it for best-checkpoint keeping; None leaves it unranked."""
     return self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),

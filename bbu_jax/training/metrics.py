@@ -1,4 +1,6 @@
-"""Run logging: a metrics JSONL, TensorBoard event files, and a console progress line with rate and ETA.
+"""Run logging: a metrics JSONL (one row per logged step and split: "train" rows with the training
+metrics, "val" rows with the `val_*` validation losses), TensorBoard event files, and a console progress
+line with rate and ETA.
 
 Only the main process writes (multi-host runs call with `enabled=jax.process_index() == 0`).
 """
@@ -31,6 +33,8 @@ class MetricsWriter:
       self._tb = SummaryWriter(str(self.run_dir / "tb"))
 
   def write(self, step: int, metrics: Mapping[str, object], *, prefix: str = "train") -> None:
+    """One JSONL row `{"step", "split": prefix, **metrics}` and TensorBoard scalars `prefix/name`, where a
+    name's own `prefix_` is dropped (`val_loss` -> `val/loss`, beside `train/loss`)."""
     if not self.enabled:
       return
     values = {k: _scalar(v) for k, v in metrics.items()}
@@ -38,7 +42,7 @@ class MetricsWriter:
     self._jsonl.flush()
     for k, v in values.items():
       if math.isfinite(v):
-        self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        self._tb.add_scalar(f"{prefix}/{k.removeprefix(prefix + '_')}", v, step)
     self._tb.flush()
 
   def close(self) -> None:

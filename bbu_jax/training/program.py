@@ -1,5 +1,5 @@
-"""What a run compiles: the model factory, the abstract train state and its shardings, the jitted init
-and train step. Shared by `bbu_jax.train` (which runs it) and `bbu_jax.aot` (which only compiles it).
+"""What a run compiles: the model factory, the abstract train state and its shardings, the jitted init,
+train step and eval step. Shared by `bbu_jax.train` (which runs it) and `bbu_jax.aot` (which only compiles it).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ class Program:
   state_shardings: step_lib.TrainState
   init_state: Callable[..., step_lib.TrainState]  # jitted: (pretrained pure params | None) -> state
   train_step: Callable  # jitted, donates the state: (state, batch) -> (state, metrics)
+  eval_step: Callable  # jitted, no gradients: (trainable, frozen, batch) -> loss sums and denominators
   schedules: dict
+  loss_weights: step_lib.LossWeights  # how train_step and eval_step weigh the loss terms
 
   def abstract_sharded_state(self) -> step_lib.TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
@@ -95,9 +97,11 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
   train_step = jax.jit(step_fn,
                        in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                        donate_argnums=(0,))
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, terms, loss_weights, normalizers),
+                      in_shardings=(state_shardings.trainable, state_shardings.frozen, None))
   return Program(make_model=make_model, graphdef=graphdef, abstract_state=abstract_state,
                  state_shardings=state_shardings, init_state=jax.jit(init_state, out_shardings=state_shardings),
-                 train_step=train_step, schedules=schedules)
+                 train_step=train_step, eval_step=eval_step, schedules=schedules, loss_weights=loss_weights)
 
 
 def state_shardings_for_grads(abstract_state: step_lib.TrainState, mesh):

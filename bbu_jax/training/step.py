@@ -1,4 +1,5 @@
-"""The train step: exact gradient accumulation over micro-batches, trainable/frozen split, metrics.
+"""The train step (exact gradient accumulation over micro-batches, trainable/frozen split, metrics) and
+the eval step, which computes the same losses through the same code without gradients.
 
 Losses are sums divided by normalizers counted over the WHOLE global batch before the first
 micro-batch runs, so k micro-batches of b rows give the same gradient as one batch of k*b rows (the
@@ -64,6 +65,44 @@ def lm_normalizer(batch: dict, w: LossWeights) -> Array:
           + w.student_loss_weight * jnp.sum(batch["student_loss_mask"].astype(jnp.float32)))
 
 
+# The detection terms that `loss_terms` may add (as `<name>_sum`) and the LossWeights field weighting each.
+DETECTION_TERMS = (("bbox_l1", "detection_bbox_weight"), ("giou", "detection_bbox_weight"),
+                   ("objectness", "objectness_weight"), ("caption", "detection_caption_weight"))
+
+
+def batch_normalizers(batch: dict, weights: LossWeights,
+                      normalizers_fn: Callable[[dict], dict[str, Array]] | None = None) -> dict[str, Array]:
+  """The loss denominators of a batch, unclamped (so that those of several batches add up)."""
+  normalizers = {"lm": lm_normalizer(batch, weights)}
+  if normalizers_fn is not None:
+    normalizers.update(normalizers_fn(batch))
+  return normalizers
+
+
+def clamp_normalizers(normalizers: dict[str, Array]) -> dict[str, Array]:
+  """Denominators safe to divide by: a batch without teacher tokens or without objects gives 0 / 1, not NaN."""
+  return {k: jnp.maximum(v, 1e-9 if k == "lm" else 1.0) for k, v in normalizers.items()}
+
+
+def loss_breakdown(terms: dict[str, Array], normalizers: dict[str, Array], weights: LossWeights) -> dict[str, Array]:
+  """The losses from loss sums and (clamped) denominators counted over the same batch or batches.
+
+  One definition for the training objective, the training metrics and the validation metrics:
+  loss = lm_loss + bbox weight x (bbox_l1_loss + giou_loss) + objectness weight x objectness_loss
+  + caption weight x caption_loss, the detection terms present when the model has a head.
+  """
+  lm = (weights.teacher_loss_weight * terms["teacher_lm_sum"]
+        + weights.student_loss_weight * terms["student_lm_sum"]) / normalizers["lm"]
+  out = {"loss": lm, "lm_loss": lm,
+         "teacher_lm_loss": terms["teacher_lm_sum"] / jnp.maximum(terms["teacher_tokens"], 1.0),
+         "student_lm_loss": terms["student_lm_sum"] / jnp.maximum(terms["student_tokens"], 1.0)}
+  for name, weight_field in DETECTION_TERMS:
+    if f"{name}_sum" in terms:
+      out["loss"] = out["loss"] + getattr(weights, weight_field) * terms[f"{name}_sum"] / normalizers[name]
+      out[f"{name}_loss"] = terms[f"{name}_sum"] / normalizers[name]
+  return out
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     loss_terms: Callable[[nnx.Module, dict, Array], dict[str, Array]],
                     weights: LossWeights, schedules: dict[str, optax.Schedule],
@@ -87,21 +126,12 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   def objective(trainable, frozen, micro, rng, normalizers):
     model = nnx.merge(graphdef, trainable, frozen)
     terms = loss_terms(model, micro, rng)
-    lm = (weights.teacher_loss_weight * terms["teacher_lm_sum"]
-          + weights.student_loss_weight * terms["student_lm_sum"]) / normalizers["lm"]
-    total = lm
-    for name, weight in (("bbox_l1", weights.detection_bbox_weight), ("giou", weights.detection_bbox_weight),
-                         ("objectness", weights.objectness_weight), ("caption", weights.detection_caption_weight)):
-      if f"{name}_sum" in terms:
-        total = total + weight * terms[f"{name}_sum"] / normalizers[name]
-    return total, terms
+    return loss_breakdown(terms, normalizers, weights)["loss"], terms
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    normalizers = {"lm": jnp.maximum(lm_normalizer(batch, weights), 1e-9)}
-    if normalizers_fn is not None:
-      normalizers.update({k: jnp.maximum(v, 1.0) for k, v in normalizers_fn(batch).items()})
+    normalizers = clamp_normalizers(batch_normalizers(batch, weights, normalizers_fn))
     rng, step_rng = jax.random.split(state.rng)
     num_micro = jax.tree.leaves(batch)[0].shape[0]
     micro_rngs = jax.random.split(step_rng, num_micro)
@@ -126,23 +156,38 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {
-        "loss": loss,
-        "lm_loss": (weights.teacher_loss_weight * terms["teacher_lm_sum"]
-                    + weights.student_loss_weight * terms["student_lm_sum"]) / normalizers["lm"],
-        "teacher_lm_loss": terms["teacher_lm_sum"] / jnp.maximum(terms["teacher_tokens"], 1.0),
-        "student_lm_loss": terms["student_lm_sum"] / jnp.maximum(terms["student_tokens"], 1.0),
-        "grad_norm": grad_norm,
-    }
-    for name in ("bbox_l1", "giou", "objectness", "caption"):
-      if f"{name}_sum" in terms:
-        metrics[f"{name}_loss"] = terms[f"{name}_sum"] / normalizers[name]
+    # "loss" is the differentiated objective summed over micro-batches (equal to the breakdown's "loss"
+    # up to rounding), so that a non-finite objective is what the run reports and stops on.
+    metrics = {**loss_breakdown(terms, normalizers, weights), "loss": loss, "grad_norm": grad_norm}
     for group, schedule in schedules.items():
       metrics[f"lr/{group}"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng)
     return new_state, metrics
 
   return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_terms: Callable[[nnx.Module, dict, Array], dict[str, Array]],
+                   weights: LossWeights, normalizers_fn: Callable[[dict], dict[str, Array]] | None = None) -> Callable:
+  """Returns `eval_step(trainable, frozen, batch) -> {"terms": sums, "normalizers": denominators}`.
+
+  The train step's loss code on a batch of the same layout (a leading micro-batch axis), without
+  gradients and without randomness. Sums and unclamped denominators come back rather than losses, so
+  that the caller adds them over many batches and takes `loss_breakdown` of the totals once: the
+  validation loss of a split is then exactly its loss as one batch, whatever the batch count.
+  """
+  rng = jax.random.key_data(jax.random.key(0))  # the loss terms take an rng; evaluation fixes it
+
+  def eval_step(trainable: nnx.State, frozen: nnx.State, batch: dict) -> dict:
+    model = nnx.merge(graphdef, trainable, frozen)
+    num_micro = jax.tree.leaves(batch)[0].shape[0]
+    sums = None
+    for i in range(num_micro):  # usually 1: validation batches carry no accumulation
+      terms = loss_terms(model, jax.tree.map(lambda x: x[i], batch), rng)
+      sums = terms if sums is None else jax.tree.map(jnp.add, sums, terms)
+    return {"terms": sums, "normalizers": batch_normalizers(batch, weights, normalizers_fn)}
+
+  return eval_step
 
 
 def split_trainable(model: nnx.Module, is_trainable: Callable[[Any], bool]):
