@@ -339,19 +339,26 @@ def train(config) -> dict:
   # ===== Export and evaluate ===================================================================
   model_dir = run_dir / "model"
   model = nnx.merge(graphdef, state.trainable, state.frozen)
-  if is_main:
-    bbu_model.save(model, model_dir, source_dir=config.model_path or (run_dir / "tokenizer"))
-    # What the prompts were built with: inference must build the very same ones.
-    (model_dir / "chat_config.json").write_text(json.dumps(
-        {"prompt_language": chat_config.prompt_language, "min_pixels": config.min_pixels,
-         "max_pixels": config.max_pixels, "label_hierarchy": dict(chat_config.label_hierarchy),
-         "model_max_length": config.model_max_length}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    log.info("saved the trained model of step %d (bbu_jax checkpoint with tokenizer) to %s", export_step, model_dir)
+  export_model(model, model_dir, config, chat_config, source_dir=config.model_path or (run_dir / "tokenizer"))
+  log.info("saved the trained model of step %d (bbu_jax checkpoint with tokenizer) to %s", export_step, model_dir)
   result = {"step": step, "exported_step": export_step, **{k: float(v) for k, v in last_metrics.items()},
             **{k: float(v) for k, v in last_val.items() if k != "step"}}
   if config.eval_after_training and config.val_data_path and is_main:
     result["eval"] = evaluate_after_training(config, model_dir, run_dir)
   return result
+
+
+def export_model(model, model_dir: pathlib.Path, config, chat_config: ChatConfig, *, source_dir) -> None:
+  """The trained model folder. Every process calls this: under FSDP across processes each holds only
+  its shards of the parameters, and orbax writes them from where they are (no gather onto one host);
+  process 0 alone writes the files beside them."""
+  bbu_model.save(model, model_dir, source_dir=source_dir)
+  if jax.process_index() == 0:
+    # What the prompts were built with: inference must build the very same ones.
+    (model_dir / "chat_config.json").write_text(json.dumps(
+        {"prompt_language": chat_config.prompt_language, "min_pixels": config.min_pixels,
+         "max_pixels": config.max_pixels, "label_hierarchy": dict(chat_config.label_hierarchy),
+         "model_max_length": config.model_max_length}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def check_finite(unchecked: list, records: Sequence[dict], checkpointer: checkpoint_lib.Checkpointer) -> None:

@@ -12,6 +12,7 @@ Output: one JSON line after "RESULT ".
 
 import json
 import os
+import pathlib
 import sys
 import types
 
@@ -159,6 +160,13 @@ def main(spec: dict) -> dict:
       checkpointer.save(s + 1, state, data_state={}, meta={"step": s + 1}, force=True)
       checkpointer.close()
   out["losses"] = losses
+  if spec.get("export_dir"):  # the final export of bbu_jax.train, from wherever the shards are
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from bbu_jax.data.chat import ChatConfig  # pylint: disable=import-outside-toplevel
+    model = nnx.merge(program.graphdef, state.trainable, state.frozen)
+    train.export_model(model, pathlib.Path(spec["export_dir"]), config, ChatConfig(), source_dir=None)
+    out["q_proj_kernel_sharding"] = str(next(
+        v.sharding.spec for p, v in jax.tree_util.tree_flatten_with_path(state.trainable)[0] if is_q_proj(p)))
   return out
 
 

@@ -16,8 +16,12 @@ import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+from bbu_jax.models import bbu_model
 from test_sharding import WORKER, run_worker
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,9 +34,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch():
-  spec = {"mode": "zero2", "data": 2, "steps": STEPS, "processes": 2}
+def run_processes(spec: dict) -> list[dict]:
+  """`spec` in two worker processes joined by jax.distributed over loopback; their RESULT dicts."""
   port = free_port()
   procs = []
   for process_id in range(2):
@@ -51,6 +54,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch():
     assert proc.returncode == 0, stderr[-4000:]
     line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
     results.append(json.loads(line[len("RESULT "):]))
+  return results
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch():
+  results = run_processes({"mode": "zero2", "data": 2, "steps": STEPS, "processes": 2})
   assert [r["processes"] for r in results] == [2, 2]
   assert results[0]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
   # Every process sees the same global loss.
@@ -60,3 +69,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch():
   assert single["processes"] == 1
   assert len(set(single["losses"])) == STEPS
   assert results[0]["losses"] == pytest.approx(single["losses"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_across_two_processes_exports_the_model_one_process_exports(tmp_path):
+  """The final export with parameters sharded ACROSS processes (fsdp=2, one device each): every process
+  writes its shards, and the folder loads in one process to the same parameters as a single process's
+  export of the same training."""
+  results = run_processes({"mode": "fsdp", "fsdp": 2, "steps": 2, "processes": 2,
+                           "export_dir": str(tmp_path / "two")})
+  assert "fsdp" in results[0]["q_proj_kernel_sharding"]  # really split across the two processes
+  single = run_worker({"mode": "fsdp", "fsdp": 2, "steps": 2, "export_dir": str(tmp_path / "one")}, devices=2)
+  assert results[0]["losses"] == pytest.approx(single["losses"], rel=1e-5)
+  for name in ("config.json", "bbu_jax.json", "chat_config.json"):
+    assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+  two = nnx.state(bbu_model.load(tmp_path / "two"), nnx.Param).to_pure_dict()
+  one = nnx.state(bbu_model.load(tmp_path / "one"), nnx.Param).to_pure_dict()
+  leaves_two, leaves_one = jax.tree.leaves(two), jax.tree.leaves(one)
+  assert len(leaves_two) == len(leaves_one) > 20
+  for a, b in zip(leaves_two, leaves_one):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -148,8 +148,10 @@ def extras_dict(model: BBUModel) -> dict[str, Any]:
 
 
 def save(model: BBUModel, out_dir: str | pathlib.Path, *, source_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+  """The bbu_jax checkpoint plus bbu_jax.json. Every process calls it (see weights.save_checkpoint)."""
   out_dir = weights.save_checkpoint(model, model.config, out_dir, source_dir=source_dir)
-  (out_dir / EXTRAS_FILE).write_text(json.dumps(extras_dict(model), indent=2) + "\n")
+  if jax.process_index() == 0:
+    (out_dir / EXTRAS_FILE).write_text(json.dumps(extras_dict(model), indent=2) + "\n")
   return out_dir
 
 

@@ -372,6 +372,9 @@ def save_checkpoint(model_or_params, config: Qwen25VLConfig, out_dir: str | path
 
   Tokenizer/processor files and generation_config.json of `source_dir` are copied beside them, so
   the directory is self-contained and an export from it carries them on.
+
+  Under jax.distributed EVERY process must call this (parameters sharded across processes are written
+  by the processes that hold them; orbax coordinates them); process 0 alone writes the other files.
   """
   import orbax.checkpoint as ocp
   out_dir = pathlib.Path(out_dir).absolute()
@@ -379,6 +382,8 @@ def save_checkpoint(model_or_params, config: Qwen25VLConfig, out_dir: str | path
   pure = _pure_params(model_or_params)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(out_dir / PARAMS_DIR, pure, force=True)
+  if jax.process_index() != 0:
+    return out_dir
   (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
   if source_dir is not None:
     copy_tokenizer_files(source_dir, out_dir)
