@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     log("building transformers' model")
     with torch.device(device):
       hf = transformers.Qwen2_5_VLForConditionalGeneration(
-          bench_shape.hf_config(None if args.shape == "bench" else model_config))
+          bench_shape.hf_config(None if args.shape == "bench" and not args.layers else model_config))
     hf = hf.to(torch.bfloat16 if bf16 else torch.float32).eval()
     if device.type == "cuda":
       torch.cuda.empty_cache()  # the float32 copy's memory, for jax

@@ -351,6 +351,19 @@ def datasheet_peak(device_name: str) -> float | None:
   return next((peak for name, peak in DATASHEET_BF16_PEAK.items() if name in device_name), None)
 
 
+def side_figures(figures: dict, prefix: str, times: list[tuple[float, float]], flops: float, tokens: int) -> float:
+  """Adds one side's step figures (median and best wall seconds, median CPU seconds, GFLOP/s, tokens/s)
+  from its (wall, cpu) step times under `prefix`; returns the median wall seconds."""
+  median = float(np.median([w for w, _ in times]))
+  figures.update({
+      f"{prefix}_step_s_median": round(median, 4), f"{prefix}_step_s_min": round(min(w for w, _ in times), 4),
+      f"{prefix}_step_cpu_s_median": round(float(np.median([c for _, c in times])), 4),
+      f"{prefix}_gflops": round(flops / median / 1e9, 1),
+      f"{prefix}_tokens_per_s": round(tokens / median, 1),
+  })
+  return median
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", choices=bench_shape.SHAPES, default="bench")
@@ -405,7 +418,7 @@ def main(argv=None) -> dict:
       f"torch on {figures['torch_device']}; {figures['order']}")
   total_steps = 1 + args.warmup + args.steps
   samples = make_samples(args.batch, model_config, args.seq)
-  hf_config = bench_shape.hf_config(None if args.shape == "bench" else model_config)
+  hf_config = bench_shape.hf_config(None if args.shape == "bench" and not args.layers else model_config)
   flops = train_flops(model_config, args.batch, args.seq)
   tmp = tempfile.TemporaryDirectory()
   model_dir = tmp.name if shared_weights else ""
@@ -514,13 +527,7 @@ def main(argv=None) -> dict:
   if datasheet and jax_gpu:
     figures["datasheet_bf16_peak_tflops"] = round(datasheet / 1e12, 1)
   if bbu_times:
-    bbu_s = float(np.median([w for w, _ in bbu_times]))
-    figures.update({
-        "bbu_jax_step_s_median": round(bbu_s, 4), "bbu_jax_step_s_min": round(min(w for w, _ in bbu_times), 4),
-        "bbu_jax_step_cpu_s_median": round(float(np.median([c for _, c in bbu_times])), 4),
-        "bbu_jax_gflops": round(flops["total"] / bbu_s / 1e9, 1),
-        "bbu_jax_tokens_per_s": round(tokens / bbu_s, 1),
-    })
+    bbu_s = side_figures(figures, "bbu_jax", bbu_times, flops["total"], tokens)
     if jax_gpu:
       figures["mfu"] = round(flops["total"] / bbu_s / peak_jax, 3)
       if datasheet:
@@ -530,13 +537,7 @@ def main(argv=None) -> dict:
   if peak_torch is not None:
     figures[f"{peak_key}_torch"] = round(peak_torch / unit, 1)
   if hf_times:
-    hf_s = float(np.median([w for w, _ in hf_times]))
-    figures.update({
-        "hf_step_s_median": round(hf_s, 4), "hf_step_s_min": round(min(w for w, _ in hf_times), 4),
-        "hf_step_cpu_s_median": round(float(np.median([c for _, c in hf_times])), 4),
-        "hf_gflops": round(flops["total"] / hf_s / 1e9, 1),
-        "hf_tokens_per_s": round(tokens / hf_s, 1),
-    })
+    hf_s = side_figures(figures, "hf", hf_times, flops["total"], tokens)
     if bbu_times:
       figures["ratio"] = round(hf_s / bbu_s, 3)
     if jax_gpu:

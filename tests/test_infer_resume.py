@@ -13,7 +13,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from test_infer import MAX_NEW, MAX_PIXELS, setup  # noqa: E402,F401  (setup is a fixture)
+import _loopback  # noqa: E402
 from bbu_jax import infer  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -195,35 +195,13 @@ def test_rows_are_split_in_whole_batches_evenly_and_completely():
     assert max(counts) - min(counts) <= 1
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def start_two_processes(argv) -> list[subprocess.Popen]:
   """`python -m bbu_jax.infer argv` as processes 0 and 1 of a jax.distributed run on loopback."""
-  port = free_port()
-  procs = []
-  for process_id in range(2):
-    env = infer_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                    JAX_PROCESS_ID=str(process_id), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    procs.append(subprocess.Popen([sys.executable, "-m", "bbu_jax.infer", *argv], env=env, cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  return procs
+  return _loopback.start_processes(["-m", "bbu_jax.infer", *argv])
 
 
 def run_two_processes(argv) -> list[subprocess.CompletedProcess]:
-  procs = start_two_processes(argv)
-  results = []
-  for proc in procs:
-    try:
-      stdout, stderr = proc.communicate(timeout=600)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-    results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-  return results
+  return _loopback.wait_all(start_two_processes(argv))
 
 
 def test_two_processes_write_the_same_responses_as_one(setup, uninterrupted, tmp_path):

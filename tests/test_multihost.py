@@ -10,49 +10,25 @@ two processes and one process would not see the same rows, and the comparison wo
 """
 
 import json
-import os
-import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+import _loopback
 from bbu_jax.models import bbu_model
 from test_sharding import WORKER, run_worker
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def run_processes(spec: dict) -> list[dict]:
   """`spec` in two worker processes joined by jax.distributed over loopback; their RESULT dicts."""
-  port = free_port()
-  procs = []
-  for process_id in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-           "JAX_PROCESS_ID": str(process_id)}
-    procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env, cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   results = []
-  for proc in procs:
-    try:
-      stdout, stderr = proc.communicate(timeout=900)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-    assert proc.returncode == 0, stderr[-4000:]
-    line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+  for done in _loopback.wait_all(_loopback.start_processes([str(WORKER), json.dumps(spec)]), timeout=900):
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
     results.append(json.loads(line[len("RESULT "):]))
   return results
 
