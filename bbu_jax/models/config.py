@@ -27,6 +27,10 @@ class VisionConfig:
   tokens_per_second: int = 2
   hidden_act: str = "silu"
   rms_norm_eps: float = 1e-6
+  # A bbu_jax extension, off in every published checkpoint: add a fixed 2D sine embedding of each patch's
+  # (row, column) to the patch embeddings, so features carry where they are (as Qwen3-VL's learned one
+  # does). For models trained from scratch; transformers' Qwen2.5-VL has no place for it (no HF export).
+  absolute_positions: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -120,6 +124,7 @@ class Qwen25VLConfig:
         out_hidden_size=vision.get("out_hidden_size", text_cfg.hidden_size),
         tokens_per_second=vision.get("tokens_per_second", 2),
         hidden_act=vision.get("hidden_act", "silu"),
+        absolute_positions=bool(vision.get("absolute_positions", False)),
     )
     tie = bool(d.get("tie_word_embeddings", False) or (d.get("text_config") or {}).get("tie_word_embeddings", False))
     eos = text.get("eos_token_id", 151645)
@@ -186,6 +191,8 @@ class Qwen25VLConfig:
             "out_hidden_size": v.out_hidden_size,
             "tokens_per_second": v.tokens_per_second,
             "hidden_act": v.hidden_act,
+            # only a bbu_jax checkpoint can say True (weights.save_hf refuses such a model)
+            **({"absolute_positions": True} if v.absolute_positions else {}),
         },
     }
 

@@ -245,6 +245,22 @@ class PatchMerger(nnx.Module):
     return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
 
 
+def absolute_position_embedding(rope_pos: Array, dim: int, base: float = 100.0) -> Array:
+  """(..., P, dim) float32 fixed 2D sine embedding of each patch's (row, column) in patches (not normalized:
+  a patch's place in pixels is its index times the patch size, whatever the image's size).
+
+  Half the channels embed the row, half the column, each as sin/cos pairs at dim / 4 frequencies from 1
+  down to 1 / base radians per patch (periods of 6 to ~630 patches).
+  """
+  if dim % 4:
+    raise ValueError(f"absolute position embedding: vision hidden_size {dim} must be a multiple of 4")
+  n = dim // 4
+  inv_freq = base ** (-jnp.arange(n, dtype=jnp.float32) / n)
+  angles = rope_pos.astype(jnp.float32)[..., None] * inv_freq  # (..., P, 2, n)
+  emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # (..., P, 2, 2n)
+  return emb.reshape(*emb.shape[:-2], dim)
+
+
 def vision_rotary(rope_pos: Array, head_dim: int) -> tuple[Array, Array]:
   """cos, sin (..., P, head_dim) of transformers' axial 2D rope: [rows, cols, rows, cols] frequencies."""
   quarter = head_dim // 4
@@ -288,6 +304,8 @@ class VisionTower(nnx.Module):
 
   def __call__(self, pixel_values: Array, meta: dict[str, Array]) -> Array:
     x = self.patch_embed(pixel_values)
+    if self.config.absolute_positions:
+      x = x + absolute_position_embedding(meta["rope_pos"], self.config.hidden_size).astype(x.dtype)
     cos, sin = vision_rotary(meta["rope_pos"], self.config.head_dim)
     image_segments = meta["image_segment_ids"]
     window_segments = meta["window_segment_ids"]
