@@ -216,8 +216,9 @@ class DetectionHead(nnx.Module):
   predict their anchors), and the next layer looks at the refined box's centre. The previous box is
   a stop_gradient, in the box as in where the next layer looks: the loss trains the last layer's
   delta (and through the shared MLP every layer's), and the anchors learn only from where they make
-  the first layer look. On a toy of 1-3 boxes per image, anchors that the box loss also moved, or
-  layers whose deltas summed with gradients, halved AP@0.5 at 250-500 steps.
+  the first layer look. On bench_detection_head.py's `multi` toy, anchors that the box loss also
+  moved, or layers whose deltas summed with gradients, cut held-out AP@0.5 after 500 steps from about
+  0.43 to 0.24 (4 seeds).
   """
 
   def __init__(self, cfg: DetectionHeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
