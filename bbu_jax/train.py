@@ -161,7 +161,7 @@ def estimate_rows_per_epoch(records: Sequence[dict], processor: ChatProcessor, t
   window = packing_config.packing_window
   for start in range(0, len(order), window):
     chunk = [costs[i] for i in order[start:start + window]]
-    rows += len(packing_lib.first_fit(chunk, packing_config))
+    rows += len(packing_lib.pack_rows(chunk, packing_config))
   return rows
 
 

@@ -1,5 +1,5 @@
-"""Packing: first-fit rows, row arrays (targets, masks, slots, vision metadata), and packed rows giving the
-same per-sample loss as padded rows with a real (tiny, random) Qwen2.5-VL."""
+"""Packing: first-fit and minimum-bin-slack rows, row arrays (targets, masks, slots, vision metadata), and
+packed rows giving the same per-sample loss as padded rows with a real (tiny, random) Qwen2.5-VL."""
 
 import json
 
@@ -79,6 +79,61 @@ def test_first_fit_respects_all_limits():
   assert padded == [[i] for i in range(len(costs))]
 
 
+def test_minimum_bin_slack_fills_rows_that_first_fit_leaves_short(monkeypatch):
+  config = _config("packed", 100, 1000)
+  costs = [(50, 4), (40, 4), (30, 4), (30, 4), (30, 4), (20, 4)]
+  # first-fit decreasing: 50 + 40, then 30 + 30 + 30, and 20 alone
+  assert packing.first_fit(costs, config) == [[0, 1], [2, 3, 4], [5]]
+  # each row the largest left plus the fullest subset: 50 + 30 + 20, then 40 + 30 + 30
+  assert packing.minimum_bin_slack(costs, config) == [[0, 2, 5], [1, 3, 4]]
+  assert packing.pack_rows(costs, config) == [[0, 2, 5], [1, 3, 4]]
+  # the slot limit (4 here) binds: 40 + 10 * 6 would fill the row exactly
+  assert packing.minimum_bin_slack([(40, 4)] + [(10, 4)] * 6, config) == [[0, 1, 2, 3], [4, 5, 6]]
+  # the patch budget binds: 50 + 50 would fill the tokens but takes 16 patches of 12
+  costs_p = [(50, 8), (50, 8), (30, 4), (20, 4)]
+  assert packing.minimum_bin_slack(costs_p, config) == [[0, 1], [2, 3]]
+  assert packing.minimum_bin_slack(costs_p, _config("packed", 100, 12)) == [[0, 2], [1, 3]]
+  # the search is bounded: one subset per row takes the largest sample that fits, as first-fit would
+  monkeypatch.setattr(packing, "SEARCH_NODES_PER_ROW", 1)
+  assert packing.minimum_bin_slack(costs, config) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_pack_rows_takes_first_fit_where_it_needs_fewer_rows():
+  config = _config("packed", 100, 1000)
+  costs = [(t, 4) for t in (32, 60, 39, 37, 11, 41, 29, 45)]
+  # minimum bin slack fills 60 + 29 + 11 exactly and is left with 39, 37, 32: four rows
+  assert packing.minimum_bin_slack(costs, config) == [[0], [1, 4, 6], [2, 3], [5, 7]]
+  # first-fit decreasing: 60 + 39, 45 + 41 + 11, 37 + 32 + 29
+  assert packing.first_fit(costs, config) == [[0, 3, 6], [1, 2], [4, 5, 7]]
+  assert packing.pack_rows(costs, config) == packing.first_fit(costs, config)
+  padded = _config("padded", 100, 1000)
+  assert packing.pack_rows(costs, padded) == [[i] for i in range(len(costs))]
+
+
+def test_pack_rows_respects_all_limits_and_never_needs_more_rows_than_first_fit():
+  rng = np.random.default_rng(0)
+  fewer = 0
+  for _ in range(300):
+    config = _config("packed", int(rng.integers(50, 200)), 4 * int(rng.integers(4, 20)))
+    n = int(rng.integers(1, 24))
+    # samples of up to half a row, as at 2048 tokens, where the order of filling matters most
+    costs = [(int(rng.integers(1, config.model_max_length // 2 + 1)),
+              4 * int(rng.integers(1, config.patch_budget // 8 + 1))) for _ in range(n)]
+    bins = packing.pack_rows(costs, config)
+    assert bins == packing.pack_rows(list(costs), config)  # deterministic
+    assert sorted(i for b in bins for i in b) == list(range(n))
+    for b in bins:
+      assert b == sorted(b) and 1 <= len(b) <= config.max_samples_per_row
+      assert sum(costs[i][0] for i in b) <= config.model_max_length
+      assert sum(costs[i][1] for i in b) <= config.patch_budget
+    assert [b[0] for b in bins] == sorted(b[0] for b in bins)
+    first_fit_rows = len(packing.first_fit(costs, config))
+    assert len(bins) <= first_fit_rows
+    fewer += len(bins) < first_fit_rows
+  print(f"pack_rows: fewer rows than first_fit in {fewer} of 300 windows")
+  assert fewer > 10  # and often fewer
+
+
 def test_rejection_reasons():
   config = _config("packed", 100, 40)
   sample = {"input_ids": np.zeros(101, np.int32), "pixel_values": np.zeros((4, 1), np.float32),
@@ -156,7 +211,7 @@ def test_packed_and_padded_rows_give_the_same_per_sample_loss(processor):
   samples = _samples(processor, [(300, 200, 3, 1), (140, 420, 2, 0), (84, 84, 0, 0), (250, 250, 4, 0)])
   packed_cfg = _config("packed", 768, 512)
   padded_cfg = _config("padded", 768, 512)
-  bins = packing.first_fit([packing.sample_cost(s) for s in samples], packed_cfg)
+  bins = packing.pack_rows([packing.sample_cost(s) for s in samples], packed_cfg)
   assert len(bins) < len(samples)  # something is really packed together
   packed = packing.collate_rows([packing.make_row([samples[i] for i in b], packed_cfg, VISION) for b in bins])
   padded = packing.collate_rows([packing.make_row([s], padded_cfg, VISION) for s in samples])

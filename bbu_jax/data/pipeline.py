@@ -23,7 +23,7 @@ O = max_objects, L = max_caption_tokens):
   det_box_valid      (B, K, O)     bool
   det_caption_ids    (B, K, O, L)  int32    desc tokens + eos, 0 padded
   sample_ids         (B, K)        int64    indices into the record source of each slot's sample, -1 = empty
-Rows are "packed" (first-fit decreasing over windows of `packing_window` samples) or "padded" (one
+Rows are "packed" (bin-packed by packing.pack_rows in windows of `packing_window` samples) or "padded" (one
 sample per row; same shapes). Samples that cannot fit a row, or whose image can no longer be read
 (deleted or truncated after validation), are logged to `rejects_path` with the reason and skipped.
 The worker count does not change the batches (packing happens after the workers, in the main process),
