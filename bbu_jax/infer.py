@@ -43,8 +43,8 @@ from bbu_jax.data.teachers import sample_teachers
 from bbu_jax.data.tokenizer import Tokenizer
 from bbu_jax.decode import scoring
 from bbu_jax.decode.generate import GenerationSettings, Generator, PromptBatch, make_prompt_batch
-from bbu_jax.models.qwen2_5_vl import Qwen25VL, bucket, scatter_image_features
-from bbu_jax.models.vision import merged_token_centers, stack_vision_metadata, vision_metadata
+from bbu_jax.models.qwen2_5_vl import Qwen25VL, bucket
+from bbu_jax.models.vision import stack_vision_metadata, vision_metadata
 from bbu_jax.parallel import sharding
 
 TEACHER_SELECTIONS = ("random", "similar")
@@ -166,14 +166,10 @@ class HeadPredictor:
 
     def predict(state, batch, text_valid, vision_valid):
       m = nnx.merge(graphdef, state)
-      embeds = m.language_model.embed_tokens(batch["input_ids"])
-      features = m.visual(batch["pixel_values"].astype(m.dtype), batch["vision_meta"])
-      embeds = scatter_image_features(embeds, batch["input_ids"] == m.config.image_token_id, features,
-                                      batch["vision_meta"]["merged_valid"])
-      hidden = m.language_model(embeds, batch["positions"], batch["segment_ids"])
       meta = batch["vision_meta"]
-      places = merged_token_centers(meta["rope_pos"], meta["image_segment_ids"],
-                                    m.config.vision.spatial_merge_size)
+      hidden, features = m.encode(batch["input_ids"], batch["positions"], batch["segment_ids"],
+                                  batch["pixel_values"], meta)
+      places = m.feature_places(meta)
       out = m.detection_head(hidden, text_valid, features, vision_valid, places)
       caption_ids, caption_lengths = m.detection_head.generate_captions(
           out["query_states"], m.language_model.embed_tokens.embedding[...], eos_token_id=eos)

@@ -40,17 +40,29 @@ class BBUModel(Qwen25VL):
     self.detection_config = detection
     self.detection_head = DetectionHead(detection, rngs=rngs, dtype=dtype) if detection else None
 
+  def encode(self, input_ids: Array, positions: Array, segment_ids: Array, pixel_values: Array | None = None,
+             vision_meta: dict[str, Array] | None = None) -> tuple[Array, Array | None]:
+    """(final hidden states, merged vision features or None): the one forward pass that training and
+    inference (the LM and the detection head) share."""
+    embeds = self.language_model.embed_tokens(input_ids)
+    features = None
+    if pixel_values is not None:
+      features = self.visual(pixel_values.astype(self.dtype), vision_meta)
+      embeds = scatter_image_features(embeds, input_ids == self.config.image_token_id, features,
+                                      vision_meta["merged_valid"])
+    return self.language_model(embeds, positions, segment_ids), features
+
   def forward_features(self, batch: dict[str, Array]) -> tuple[Array, Array, Array | None]:
     """(logits, final hidden states, merged vision features or None) of a pipeline batch."""
-    embeds = self.language_model.embed_tokens(batch["input_ids"])
-    features = None
-    if "pixel_values" in batch:
-      meta = {k: batch[k] for k in VISION_META_KEYS}
-      features = self.visual(batch["pixel_values"].astype(self.dtype), meta)
-      embeds = scatter_image_features(embeds, batch["input_ids"] == self.config.image_token_id, features,
-                                      meta["merged_valid"])
-    hidden = self.language_model(embeds, batch["positions"], batch["segment_ids"])
+    meta = {k: batch[k] for k in VISION_META_KEYS} if "pixel_values" in batch else None
+    hidden, features = self.encode(batch["input_ids"], batch["positions"], batch["segment_ids"],
+                                   batch.get("pixel_values"), meta)
     return self.logits(hidden), hidden, features
+
+  def feature_places(self, vision_meta: dict[str, Array]) -> Array:
+    """Each merged vision feature's centre (y, x) in [0, 1] of its image: the head's vision positions."""
+    return merged_token_centers(vision_meta["rope_pos"], vision_meta["image_segment_ids"],
+                                self.config.vision.spatial_merge_size)
 
 
 # --- Detection head inputs from packed rows ------------------------------------------------------------
