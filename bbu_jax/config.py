@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.detection_num_queries = 100
   c.detection_bbox_weight = 10.0
   c.detection_caption_weight = 1.0
+  # The head's dense proposals (one objectness and box per vision feature, FCOS-style targets): a loss
+  # on every feature, so the vision tower learns where objects are from the first steps; 0 = off.
+  c.detection_proposal_weight = 1.0
   c.detection_layers = 2
   c.detection_width = 256
 

@@ -420,7 +420,8 @@ def describe_validation(val: dict, *, seconds: float | None = None, best: tuple[
   box L1 0.1234, GIoU 0.3456, objectness 0.5678, caption 1.7890) on 32 samples in 8 batches, 1.2 s; the
   best checkpoint so far is step 40 with 2.1000`."""
   parts = [f"language model {val['val_lm_loss']:.4f} on the student answers"]
-  names = (("bbox_l1", "box L1"), ("giou", "GIoU"), ("objectness", "objectness"), ("caption", "caption"))
+  names = (("bbox_l1", "box L1"), ("giou", "GIoU"), ("objectness", "objectness"), ("caption", "caption"),
+           ("proposal_objectness", "proposal objectness"), ("proposal_box", "proposal box"))
   detection = [f"{label} {val[f'val_{name}_loss']:.4f}" for name, label in names if f"val_{name}_loss" in val]
   if detection:
     parts.append("detection: " + ", ".join(detection))

@@ -45,7 +45,7 @@ STEPS = 7
 VAL_RUN = {"max_steps": STEPS, "eval_steps": 2, "save_steps": 2, "save_total_limit": 1,
            "load_best_model_at_end": True, "warmup_ratio": 1.0, "log_steps": 1,
            "vision_lr": LR, "merger_lr": LR, "llm_lr": LR, "detection_lr": LR}
-DETECTION_TERMS = ("bbox_l1", "giou", "objectness", "caption")
+DETECTION_TERMS = ("bbox_l1", "giou", "objectness", "caption", "proposal_objectness", "proposal_box")
 
 # Runs bbu_jax.train with the train step's input poisoned at call BBU_POISON_STEP: the batch's pixels become
 # +Inf (an image that decodes to Inf), and the real forward pass turns them into a NaN loss.
@@ -195,7 +195,8 @@ def _recomputed_val_losses(model, batches: list[dict], config) -> dict[str, floa
     sums["student_tokens"] += float(batch["student_loss_mask"].sum())
     for name in DETECTION_TERMS:
       sums[name] += float(terms[f"{name}_sum"])
-    denominators = bbu_model.global_normalizers(batch, eos_token_id=model.config.eos_token_id)
+    denominators = bbu_model.global_normalizers(batch, eos_token_id=model.config.eos_token_id,
+                                                merge_size=model.config.vision.spatial_merge_size)
     for name in DETECTION_TERMS:
       sums[f"{name}_count"] += float(denominators[name])
   out = {"val_student_lm_loss": sums["student_lm"] / sums["student_tokens"]}
@@ -205,7 +206,10 @@ def _recomputed_val_losses(model, batches: list[dict], config) -> dict[str, floa
   out["val_loss"] = (out["val_lm_loss"]
                      + config.detection_bbox_weight * (out["val_bbox_l1_loss"] + out["val_giou_loss"])
                      + DetectionLossWeights().objectness_weight * out["val_objectness_loss"]
-                     + config.detection_caption_weight * out["val_caption_loss"])
+                     + config.detection_caption_weight * out["val_caption_loss"]
+                     + config.detection_proposal_weight
+                     * (DetectionLossWeights().objectness_weight * out["val_proposal_objectness_loss"]
+                        + config.detection_bbox_weight * out["val_proposal_box_loss"]))
   return out
 
 

@@ -21,7 +21,7 @@ from bbu_jax.models import lora as lora_lib
 from bbu_jax.models import weights
 from bbu_jax.models.config import Qwen25VLConfig
 from bbu_jax.models.detection_head import (DetectionHead, DetectionHeadConfig, DetectionLossWeights,
-                                           detection_loss)
+                                           detection_loss, proposal_targets)
 from bbu_jax.models.qwen2_5_vl import Qwen25VL, scatter_image_features
 from bbu_jax.models.vision import merged_token_centers
 
@@ -81,6 +81,17 @@ def _gather_valid(values: Array, valid: Array, length: int) -> tuple[Array, Arra
           jnp.take_along_axis(valid, order, axis=2).reshape(b * k, length))
 
 
+def _slot_vision(batch: dict[str, Array], merge_size: int, length: int) -> tuple[Array, Array, Array]:
+  """Per sample slot (B*K rows): the gather order, validity and centres (y, x) of the student's merged
+  vision features, at most `length` of them."""
+  k = batch["det_box_valid"].shape[1]
+  slots = jnp.arange(1, k + 1)[None, :, None]
+  vision_valid = batch["vision_is_student"][:, None, :] & (batch["vision_sample_slot"][:, None, :] == slots)
+  centres = merged_token_centers(batch["rope_pos"], batch["image_segment_ids"], merge_size)
+  places, valid = _gather_valid(centres, vision_valid, length)
+  return vision_valid, valid, places
+
+
 def head_inputs(batch: dict[str, Array], hidden: Array, features: Array, *, merge_size: int,
                 memory_tokens: int):
   """Per sample slot (B*K rows): the student's text states and image features the head may read, and
@@ -92,12 +103,9 @@ def head_inputs(batch: dict[str, Array], hidden: Array, features: Array, *, merg
   k = batch["det_box_valid"].shape[1]
   slots = jnp.arange(1, k + 1)[None, :, None]
   text_valid = batch["student_text_mask"][:, None, :] & (batch["text_sample_slot"][:, None, :] == slots)
-  vision_valid = batch["vision_is_student"][:, None, :] & (batch["vision_sample_slot"][:, None, :] == slots)
-  centres = merged_token_centers(batch["rope_pos"], batch["image_segment_ids"], merge_size)
-  vision_length = min(memory_tokens, features.shape[1])
+  vision_slot_valid, _, places = _slot_vision(batch, merge_size, min(memory_tokens, features.shape[1]))
   text, text_valid = _gather_valid(hidden, text_valid, min(memory_tokens, hidden.shape[1]))
-  places, _ = _gather_valid(centres, vision_valid, vision_length)
-  vision, vision_valid = _gather_valid(features, vision_valid, vision_length)
+  vision, vision_valid = _gather_valid(features, vision_slot_valid, min(memory_tokens, features.shape[1]))
   return text, text_valid, vision, vision_valid, places
 
 
@@ -134,20 +142,34 @@ def loss_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weig
   outputs = dict(outputs, objectness_logits=jnp.where(slot_used[:, None], outputs["objectness_logits"], -30.0))
   det = detection_loss(model.detection_head, outputs, targets, model.language_model.embed_tokens.embedding[...],
                        det_weights)
-  for name in ("bbox_l1_sum", "giou_sum", "objectness_sum", "caption_sum"):
+  for name in ("bbox_l1_sum", "giou_sum", "objectness_sum", "caption_sum", "proposal_objectness_sum",
+               "proposal_box_sum"):
     if name in det:
       terms[name] = det[name]
   return terms
 
 
-def global_normalizers(batch: dict[str, Array], *, eos_token_id: int) -> dict[str, Array]:
+def global_normalizers(batch: dict[str, Array], *, eos_token_id: int, merge_size: int,
+                       memory_tokens: int = 1024) -> dict[str, Array]:
   """Denominators of the detection losses over the WHOLE batch (all micro-batches), so that gradient
   accumulation equals one large batch: the matched boxes (every real object is matched, since the
-  config keeps detection_num_queries >= max_objects) and the caption tokens of those objects."""
+  config keeps detection_num_queries >= max_objects), the caption tokens of those objects, and the
+  positive dense proposals (`detection_head.proposal_targets`, over the features the head reads)."""
   valid = batch["det_box_valid"]
   matched = valid.sum().astype(jnp.float32)
   tokens = (caption_mask(batch["det_caption_ids"], eos_token_id) * valid[..., None]).sum()
-  return {"bbox_l1": matched, "giou": matched, "objectness": matched, "caption": tokens}
+  # The batch may carry a leading micro-batch axis: fold it into the rows.
+  rows = {key: batch[key].reshape(-1, *batch[key].shape[valid.ndim - 2:])
+          for key in ("det_box_valid", "det_boxes", "vision_is_student", "vision_sample_slot", "rope_pos",
+                      "image_segment_ids")}
+  length = min(memory_tokens, rows["vision_is_student"].shape[1])
+  _, vision_valid, places = _slot_vision(rows, merge_size, length)
+  box_valid = rows["det_box_valid"].reshape(-1, rows["det_box_valid"].shape[-1])
+  boxes = jnp.where(box_valid[..., None], rows["det_boxes"].reshape(*box_valid.shape, 4), 0.0)
+  positive, _ = proposal_targets(places, vision_valid, boxes, box_valid)
+  positives = positive.sum().astype(jnp.float32)
+  return {"bbox_l1": matched, "giou": matched, "objectness": matched, "caption": tokens,
+          "proposal_objectness": positives, "proposal_box": positives}
 
 
 # --- Checkpoint ------------------------------------------------------------------------------------------

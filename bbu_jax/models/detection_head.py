@@ -62,6 +62,7 @@ class DetectionLossWeights:
   bbox_weight: float = 5.0
   caption_weight: float = 1.0
   objectness_weight: float = 2.0
+  proposal_weight: float = 1.0  # the dense proposals' terms: objectness_weight x focal + bbox_weight x box
   match_objectness_weight: float = 2.0
   match_l1_weight: float = 5.0
   match_giou_weight: float = 2.0
@@ -179,6 +180,30 @@ def inverse_sigmoid(p: Array, eps: float = 1e-5) -> Array:
   return jnp.log(p) - jnp.log1p(-p)
 
 
+PROPOSAL_SIZE_LOGIT = -2.0  # an untrained proposal is a box of 12% of the image around its feature
+
+
+def proposal_targets(places_yx: Array, valid: Array, boxes_xyxy: Array, box_valid: Array) -> tuple[Array, Array]:
+  """(positive (B, L) bool, assigned target (B, L) int32) of the dense proposals.
+
+  A vision feature is positive when its centre lies inside a real target box (the smallest such box
+  is its target, as FCOS assigns), and so is the one feature nearest each target's centre, so that an
+  object smaller than a feature still has one. places_yx (B, L, 2) in [0, 1], valid (B, L) bool,
+  boxes_xyxy (B, T, 4) normalized, box_valid (B, T) bool.
+  """
+  cy, cx = places_yx[..., 0][..., None], places_yx[..., 1][..., None]  # (B, L, 1)
+  x1, y1, x2, y2 = (boxes_xyxy[:, None, :, i] for i in range(4))  # (B, 1, T)
+  pair_valid = valid[:, :, None] & box_valid[:, None, :]
+  inside = (cx >= x1) & (cx <= x2) & (cy >= y1) & (cy <= y2)
+  distance = (cx - (x1 + x2) / 2) ** 2 + (cy - (y1 + y2) / 2) ** 2
+  nearest = jnp.argmin(jnp.where(pair_valid, distance, jnp.inf), axis=1)  # (B, T): the feature nearest each centre
+  is_nearest = jnp.arange(places_yx.shape[1])[None, :, None] == nearest[:, None, :]
+  candidate = pair_valid & (inside | is_nearest)
+  area = (x2 - x1) * (y2 - y1)
+  assigned = jnp.argmin(jnp.where(candidate, area, jnp.inf), axis=2).astype(jnp.int32)
+  return candidate.any(axis=2), assigned
+
+
 def grid_anchors(num_queries: int) -> np.ndarray:
   """(num_queries, 4) cxcywh anchors: the first num_queries cell centres, row by row, of a
   ceil(sqrt(Q)) x ceil(sqrt(Q)) grid over the image, each one cell wide and high (at most half the
@@ -248,6 +273,12 @@ class DetectionHead(nnx.Module):
     self.objectness = dense(w, 1, ("det_embed", None))
     prior_logit = jnp.log(cfg.objectness_prior / (1 - cfg.objectness_prior))
     self.objectness.bias[...] = jnp.full((1,), prior_logit, jnp.float32)
+    # Dense proposals: per vision feature an objectness logit and a box (see `proposal_targets`).
+    self.proposal_hidden = dense(w, w, ("det_embed", "det_mlp"))
+    self.proposal_out = Linear(w, 5, axes=("det_mlp", None), use_bias=True, rngs=rngs, dtype=dtype,
+                               std=1e-3 * w ** -0.5)
+    self.proposal_out.bias[...] = jnp.array([prior_logit, 0.0, 0.0, PROPOSAL_SIZE_LOGIT, PROPOSAL_SIZE_LOGIT],
+                                            jnp.float32)
     # Caption decoder.
     self.caption_token_proj = dense(d, w, ("embed", "det_embed"), bias=False)
     self.caption_condition = dense(w, w, ("det_embed", "det_embed"))
@@ -297,10 +328,18 @@ class DetectionHead(nnx.Module):
       box_logits = (jax.lax.stop_gradient(box_logits)
                     + self.box_out(jax.nn.gelu(self.box_hidden(states))).astype(jnp.float32))
     x = states
+    # Dense proposals on the vision memory (the features and their places, as the queries read them).
+    dense_out = self.proposal_out(jax.nn.gelu(self.proposal_hidden(memory[:, text.shape[1]:]))).astype(jnp.float32)
+    centre_xy = jnp.where(vision_valid[..., None], vision_positions[..., ::-1], 0.5).astype(jnp.float32)
+    proposal_logits = jnp.concatenate([inverse_sigmoid(centre_xy) + dense_out[..., 1:3], dense_out[..., 3:5]], -1)
     return {
         "pred_boxes_cxcywh": jax.nn.sigmoid(box_logits),
         "objectness_logits": self.objectness(x)[..., 0].astype(jnp.float32),
         "query_states": x,
+        "proposal_boxes_cxcywh": jax.nn.sigmoid(proposal_logits),
+        "proposal_logits": jnp.where(vision_valid, dense_out[..., 0], -30.0),
+        "proposal_places": jnp.where(vision_valid[..., None], vision_positions, -1.0).astype(jnp.float32),
+        "proposal_valid": vision_valid,
     }
 
   def _place_embedding(self, yx: Array) -> Array:
@@ -464,6 +503,23 @@ def detection_loss(head: DetectionHead, outputs: dict[str, Array], targets: dict
     result["caption_sum"], result["caption_token_count"] = caption_sum, caption_count
     result["caption_loss"] = caption_sum / jnp.maximum(caption_count, 1.0)
     total = total + weights.caption_weight * result["caption_loss"]
+  if "proposal_logits" in outputs:
+    positive, assigned = proposal_targets(outputs["proposal_places"], outputs["proposal_valid"],
+                                          _real_target_boxes(targets), targets["valid"])
+    assigned_xyxy = jnp.take_along_axis(_real_target_boxes(targets), assigned[..., None], axis=1)
+    proposals = outputs["proposal_boxes_cxcywh"]
+    box_cost = (losses.l1_box_distance(proposals, losses.box_xyxy_to_cxcywh(assigned_xyxy))
+                + 1.0 - losses.generalized_box_iou(losses.box_cxcywh_to_xyxy(proposals), assigned_xyxy))
+    focal = losses.sigmoid_focal_loss(outputs["proposal_logits"], positive, alpha=weights.focal_alpha,
+                                      gamma=weights.focal_gamma)
+    result["proposal_objectness_sum"] = jnp.where(outputs["proposal_valid"], focal, 0.0).sum()
+    result["proposal_box_sum"] = jnp.where(positive, box_cost, 0.0).sum()
+    result["num_proposal_positives"] = positive.sum()
+    positives = jnp.maximum(positive.sum(), 1).astype(jnp.float32)
+    result["proposal_objectness_loss"] = result["proposal_objectness_sum"] / positives
+    result["proposal_box_loss"] = result["proposal_box_sum"] / positives
+    total = total + weights.proposal_weight * (weights.objectness_weight * result["proposal_objectness_loss"]
+                                               + weights.bbox_weight * result["proposal_box_loss"])
   result["detection_loss"] = total
   result["num_matched"] = num_matched
   return result

@@ -82,16 +82,22 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
       rng=replicated)
 
   det_weights = DetectionLossWeights(bbox_weight=config.detection_bbox_weight,
-                                     caption_weight=config.detection_caption_weight)
+                                     caption_weight=config.detection_caption_weight,
+                                     proposal_weight=config.detection_proposal_weight)
   loss_weights = step_lib.LossWeights(teacher_loss_weight=config.teacher_loss_weight,
                                       student_loss_weight=config.student_loss_weight,
                                       detection_bbox_weight=config.detection_bbox_weight,
                                       detection_caption_weight=config.detection_caption_weight,
-                                      objectness_weight=det_weights.objectness_weight)
+                                      objectness_weight=det_weights.objectness_weight,
+                                      proposal_objectness_weight=config.detection_proposal_weight
+                                      * det_weights.objectness_weight,
+                                      proposal_box_weight=config.detection_proposal_weight
+                                      * config.detection_bbox_weight)
   terms = lambda model, micro, rng: bbu_model.loss_terms(at_current_trace(model), micro, rng, det_weights=det_weights)
   normalizers = None
   if det_config is not None:
-    normalizers = lambda batch: bbu_model.global_normalizers(batch, eos_token_id=model_config.eos_token_id)
+    normalizers = lambda batch: bbu_model.global_normalizers(
+        batch, eos_token_id=model_config.eos_token_id, merge_size=model_config.vision.spatial_merge_size)
   step_fn = step_lib.make_train_step(graphdef, optimizer, terms, loss_weights, schedules, normalizers,
                                      grad_shardings=state_shardings_for_grads(abstract_state, mesh))
   train_step = jax.jit(step_fn,

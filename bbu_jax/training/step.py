@@ -38,6 +38,8 @@ class LossWeights:
   detection_bbox_weight: float = 10.0
   detection_caption_weight: float = 1.0
   objectness_weight: float = 2.0
+  proposal_objectness_weight: float = 2.0  # the head's dense proposals (detection_proposal_weight x objectness)
+  proposal_box_weight: float = 10.0  # (detection_proposal_weight x bbox weight, on L1 + 1 - GIoU)
 
 
 def token_cross_entropy(logits: Array, targets: Array) -> Array:
@@ -67,7 +69,8 @@ def lm_normalizer(batch: dict, w: LossWeights) -> Array:
 
 # The detection terms that `loss_terms` may add (as `<name>_sum`) and the LossWeights field weighting each.
 DETECTION_TERMS = (("bbox_l1", "detection_bbox_weight"), ("giou", "detection_bbox_weight"),
-                   ("objectness", "objectness_weight"), ("caption", "detection_caption_weight"))
+                   ("objectness", "objectness_weight"), ("caption", "detection_caption_weight"),
+                   ("proposal_objectness", "proposal_objectness_weight"), ("proposal_box", "proposal_box_weight"))
 
 
 def batch_normalizers(batch: dict, weights: LossWeights,
@@ -89,7 +92,8 @@ def loss_breakdown(terms: dict[str, Array], normalizers: dict[str, Array], weigh
 
   One definition for the training objective, the training metrics and the validation metrics:
   loss = lm_loss + bbox weight x (bbox_l1_loss + giou_loss) + objectness weight x objectness_loss
-  + caption weight x caption_loss, the detection terms present when the model has a head.
+  + caption weight x caption_loss + the dense proposals' objectness and box terms, the detection terms
+  present when the model has a head.
   """
   lm = (weights.teacher_loss_weight * terms["teacher_lm_sum"]
         + weights.student_loss_weight * terms["student_lm_sum"]) / normalizers["lm"]
