@@ -81,6 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
   # The head's dense proposals (one objectness and box per vision feature, FCOS-style targets): a loss
   # on every feature, so the vision tower learns where objects are from the first steps; 0 = off.
   c.detection_proposal_weight = 1.0
+  # The first N steps train only the vision tower and the head's dense proposals (no decoder, no queries,
+  # no captions: a fraction of a full step's cost), so that the vision features know where objects are
+  # before the language model and the queries start reading them. Needs the head; 0 = off.
+  c.vision_warmup_steps = 0
   c.detection_layers = 2
   c.detection_width = 256
 
@@ -200,6 +204,13 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None, nu
   if c.detection_enabled and c.detection_num_queries < c.max_objects:
     fail("detection_num_queries", f"must be >= max_objects ({c.max_objects}) so that every object can be "
          f"matched to a query, got {c.detection_num_queries}")
+  if c.detection_proposal_weight < 0:
+    fail("detection_proposal_weight", f"must be >= 0, got {c.detection_proposal_weight}")
+  if c.vision_warmup_steps < 0:
+    fail("vision_warmup_steps", f"must be >= 0, got {c.vision_warmup_steps}")
+  if c.vision_warmup_steps and not (c.detection_enabled and c.detection_proposal_weight > 0):
+    fail("vision_warmup_steps", "trains the vision tower on the detection head's dense proposals: it needs "
+         "detection_enabled and detection_proposal_weight > 0")
   if c.remat_policy:
     from bbu_jax.models.layers import REMAT_POLICIES
     if c.remat_policy not in REMAT_POLICIES:

@@ -291,7 +291,15 @@ def train(config) -> dict:
       host_batch["sample_ids"] = sample_ids.astype(np.int32)
       tokens = int(np.sum(host_batch["segment_ids"] > 0))
       batch = _to_device(host_batch, config.gradient_accumulation_steps, mesh)
-      state, metrics = train_step(state, batch)
+      if step < config.vision_warmup_steps:
+        if step == start_step:
+          log.info("steps %d to %d: vision warm-up (the vision tower and the head's dense proposals only)",
+                   step + 1, config.vision_warmup_steps)
+        state, metrics = program.warmup_step(state, batch)
+      else:
+        if step == config.vision_warmup_steps and step > 0:
+          log.info("vision warm-up done after %d steps: training the whole model", step)
+        state, metrics = train_step(state, batch)
       step += 1
       window_tokens += tokens
       unchecked.append((step, metrics["loss"], metrics["grad_norm"], sample_ids))
@@ -309,7 +317,9 @@ def train(config) -> dict:
         metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / _peak_flops(jax.device_count())
         metrics["rejected_samples"] = len(packing_lib.read_rejects(pipeline_config.rejects_path))  # this host's
         writer.write(step, metrics)
-        progress.report(step, metrics)
+        warming_up = step <= config.vision_warmup_steps
+        progress.report(step, metrics, keys=("loss", "proposal_objectness_loss", "proposal_box_loss") if warming_up
+                        else ("loss", "student_lm_loss"))
         window_tokens, window_t0, last_metrics = 0, time.perf_counter(), metrics
       if due_eval and stop["signal"] is None:  # a preempted run saves at once and evaluates after resuming
         last_val = validate_and_log(state)

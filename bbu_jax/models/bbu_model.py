@@ -21,7 +21,7 @@ from bbu_jax.models import lora as lora_lib
 from bbu_jax.models import weights
 from bbu_jax.models.config import Qwen25VLConfig
 from bbu_jax.models.detection_head import (DetectionHead, DetectionHeadConfig, DetectionLossWeights,
-                                           detection_loss, proposal_targets)
+                                           detection_loss, proposal_loss_sums, proposal_targets)
 from bbu_jax.models.qwen2_5_vl import Qwen25VL, scatter_image_features
 from bbu_jax.models.vision import merged_token_centers
 
@@ -147,6 +147,24 @@ def loss_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weig
     if name in det:
       terms[name] = det[name]
   return terms
+
+
+def vision_warmup_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weights: DetectionLossWeights,
+                        memory_tokens: int = 1024) -> dict[str, Array]:
+  """Loss sums of a vision warm-up step: the vision tower and the head's dense proposals only (no
+  decoder, no queries, no captions), so the tower learns where objects are at a fraction of a full
+  step's cost. The language-model sums are zero, so the step's loss is the proposals' alone."""
+  del rng
+  meta = {k: batch[k] for k in VISION_META_KEYS}
+  features = model.visual(batch["pixel_values"].astype(model.dtype), meta)
+  length = min(memory_tokens, features.shape[1])
+  slot_valid, _, places = _slot_vision(batch, model.config.vision.spatial_merge_size, length)
+  vision, vision_valid = _gather_valid(features, slot_valid, length)
+  outputs = model.detection_head.proposals(vision, vision_valid, places)
+  sums = proposal_loss_sums(outputs, detection_targets(batch, model.config.eos_token_id), det_weights)
+  zero = jnp.zeros((), jnp.float32)
+  return {"teacher_lm_sum": zero, "teacher_tokens": zero, "student_lm_sum": zero, "student_tokens": zero,
+          "proposal_objectness_sum": sums["proposal_objectness_sum"], "proposal_box_sum": sums["proposal_box_sum"]}
 
 
 def global_normalizers(batch: dict[str, Array], *, eos_token_id: int, merge_size: int,

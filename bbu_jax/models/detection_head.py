@@ -306,11 +306,9 @@ class DetectionHead(nnx.Module):
                        f"{vision_positions.shape}")
     # Zero what may not be read, so that even NaN padding cannot reach the outputs through 0 * NaN.
     text = jnp.where(text_valid[..., None], text_hidden, 0).astype(self.dtype)
-    vision = jnp.where(vision_valid[..., None], vision_features, 0).astype(self.dtype)
-    place = self._place_embedding(jnp.where(vision_valid[..., None], vision_positions, 0))
-    memory = jnp.concatenate([self.text_proj(self.text_adapter(text)),
-                              self.vision_proj(self.vision_adapter(vision)) + place], axis=1)
-    memory = self.memory_norm(memory)
+    vision_memory, place = self._vision_memory(vision_features, vision_valid, vision_positions)
+    # memory_norm is per token: normalizing the two parts apart equals normalizing their concatenation.
+    memory = jnp.concatenate([self.memory_norm(self.text_proj(self.text_adapter(text))), vision_memory], axis=1)
     memory_pos = jnp.concatenate([jnp.zeros((b, text.shape[1], place.shape[-1]), place.dtype), place], axis=1)
     memory_valid = jnp.concatenate([text_valid, vision_valid], axis=1).astype(jnp.int32)
     memory_mask = make_attention_mask(jnp.ones((b, self.cfg.num_queries), jnp.int32), memory_valid,
@@ -328,19 +326,38 @@ class DetectionHead(nnx.Module):
       box_logits = (jax.lax.stop_gradient(box_logits)
                     + self.box_out(jax.nn.gelu(self.box_hidden(states))).astype(jnp.float32))
     x = states
-    # Dense proposals on the vision memory (the features and their places, as the queries read them).
-    dense_out = self.proposal_out(jax.nn.gelu(self.proposal_hidden(memory[:, text.shape[1]:]))).astype(jnp.float32)
-    centre_xy = jnp.where(vision_valid[..., None], vision_positions[..., ::-1], 0.5).astype(jnp.float32)
-    proposal_logits = jnp.concatenate([inverse_sigmoid(centre_xy) + dense_out[..., 1:3], dense_out[..., 3:5]], -1)
     return {
         "pred_boxes_cxcywh": jax.nn.sigmoid(box_logits),
         "objectness_logits": self.objectness(x)[..., 0].astype(jnp.float32),
         "query_states": x,
+        **self._proposals(vision_memory, vision_valid, vision_positions),
+    }
+
+  def _vision_memory(self, vision_features: Array, vision_valid: Array, vision_positions: Array
+                     ) -> tuple[Array, Array]:
+    """The vision part of the queries' memory (features through their adapter and projection, plus
+    their place embedding, normalized) and the place embedding itself."""
+    vision = jnp.where(vision_valid[..., None], vision_features, 0).astype(self.dtype)
+    place = self._place_embedding(jnp.where(vision_valid[..., None], vision_positions, 0))
+    return self.memory_norm(self.vision_proj(self.vision_adapter(vision)) + place), place
+
+  def _proposals(self, vision_memory: Array, vision_valid: Array, vision_positions: Array) -> dict[str, Array]:
+    """Dense proposals on the vision memory (the features and their places, as the queries read them)."""
+    dense_out = self.proposal_out(jax.nn.gelu(self.proposal_hidden(vision_memory))).astype(jnp.float32)
+    centre_xy = jnp.where(vision_valid[..., None], vision_positions[..., ::-1], 0.5).astype(jnp.float32)
+    proposal_logits = jnp.concatenate([inverse_sigmoid(centre_xy) + dense_out[..., 1:3], dense_out[..., 3:5]], -1)
+    return {
         "proposal_boxes_cxcywh": jax.nn.sigmoid(proposal_logits),
         "proposal_logits": jnp.where(vision_valid, dense_out[..., 0], -30.0),
         "proposal_places": jnp.where(vision_valid[..., None], vision_positions, -1.0).astype(jnp.float32),
         "proposal_valid": vision_valid,
     }
+
+  def proposals(self, vision_features: Array, vision_valid: Array, vision_positions: Array) -> dict[str, Array]:
+    """The dense proposals alone (what `__call__` returns under proposal_*), from the vision features
+    only: the queries, the text and the caption decoder are not run (the vision warm-up's loss)."""
+    vision_memory, _ = self._vision_memory(vision_features, vision_valid, vision_positions)
+    return self._proposals(vision_memory, vision_valid, vision_positions)
 
   def _place_embedding(self, yx: Array) -> Array:
     """(..., 2) places (y, x) in [0, 1] -> (..., width): the one position embedding of vision features
@@ -454,6 +471,23 @@ def match_queries(outputs: dict[str, Array], targets: dict[str, Array],
       cost, targets["valid"])
 
 
+def proposal_loss_sums(outputs: dict[str, Array], targets: dict[str, Array], weights: DetectionLossWeights
+                       ) -> dict[str, Array]:
+  """The dense proposals' loss sums (focal objectness over every valid feature, L1 + 1 - GIoU over the
+  positive ones) and their positive count (`proposal_targets`)."""
+  positive, assigned = proposal_targets(outputs["proposal_places"], outputs["proposal_valid"],
+                                        _real_target_boxes(targets), targets["valid"])
+  assigned_xyxy = jnp.take_along_axis(_real_target_boxes(targets), assigned[..., None], axis=1)
+  proposals = outputs["proposal_boxes_cxcywh"]
+  box_cost = (losses.l1_box_distance(proposals, losses.box_xyxy_to_cxcywh(assigned_xyxy))
+              + 1.0 - losses.generalized_box_iou(losses.box_cxcywh_to_xyxy(proposals), assigned_xyxy))
+  focal = losses.sigmoid_focal_loss(outputs["proposal_logits"], positive, alpha=weights.focal_alpha,
+                                    gamma=weights.focal_gamma)
+  return {"proposal_objectness_sum": jnp.where(outputs["proposal_valid"], focal, 0.0).sum(),
+          "proposal_box_sum": jnp.where(positive, box_cost, 0.0).sum(),
+          "num_proposal_positives": positive.sum()}
+
+
 def detection_loss(head: DetectionHead, outputs: dict[str, Array], targets: dict[str, Array],
                    token_embeddings: Array, weights: DetectionLossWeights) -> dict[str, Array]:
   """Set-prediction losses of one batch.
@@ -504,18 +538,8 @@ def detection_loss(head: DetectionHead, outputs: dict[str, Array], targets: dict
     result["caption_loss"] = caption_sum / jnp.maximum(caption_count, 1.0)
     total = total + weights.caption_weight * result["caption_loss"]
   if "proposal_logits" in outputs:
-    positive, assigned = proposal_targets(outputs["proposal_places"], outputs["proposal_valid"],
-                                          _real_target_boxes(targets), targets["valid"])
-    assigned_xyxy = jnp.take_along_axis(_real_target_boxes(targets), assigned[..., None], axis=1)
-    proposals = outputs["proposal_boxes_cxcywh"]
-    box_cost = (losses.l1_box_distance(proposals, losses.box_xyxy_to_cxcywh(assigned_xyxy))
-                + 1.0 - losses.generalized_box_iou(losses.box_cxcywh_to_xyxy(proposals), assigned_xyxy))
-    focal = losses.sigmoid_focal_loss(outputs["proposal_logits"], positive, alpha=weights.focal_alpha,
-                                      gamma=weights.focal_gamma)
-    result["proposal_objectness_sum"] = jnp.where(outputs["proposal_valid"], focal, 0.0).sum()
-    result["proposal_box_sum"] = jnp.where(positive, box_cost, 0.0).sum()
-    result["num_proposal_positives"] = positive.sum()
-    positives = jnp.maximum(positive.sum(), 1).astype(jnp.float32)
+    result.update(proposal_loss_sums(outputs, targets, weights))
+    positives = jnp.maximum(result["num_proposal_positives"], 1).astype(jnp.float32)
     result["proposal_objectness_loss"] = result["proposal_objectness_sum"] / positives
     result["proposal_box_loss"] = result["proposal_box_sum"] / positives
     total = total + weights.proposal_weight * (weights.objectness_weight * result["proposal_objectness_loss"]

@@ -32,6 +32,8 @@ class Program:
   eval_step: Callable  # jitted, no gradients: (trainable, frozen, batch) -> loss sums and denominators
   schedules: dict
   loss_weights: step_lib.LossWeights  # how train_step and eval_step weigh the loss terms
+  # jitted like train_step, for the first `vision_warmup_steps` steps (vision tower + dense proposals); or None
+  warmup_step: Callable | None = None
 
   def abstract_sharded_state(self) -> step_lib.TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
@@ -103,11 +105,21 @@ def build_program(config, model_config: Qwen25VLConfig, det_config: DetectionHea
   train_step = jax.jit(step_fn,
                        in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                        donate_argnums=(0,))
+  warmup_step = None
+  if det_config is not None and config.vision_warmup_steps > 0:
+    warmup_terms = lambda model, micro, rng: bbu_model.vision_warmup_terms(at_current_trace(model), micro, rng,
+                                                                           det_weights=det_weights)
+    warmup_step = jax.jit(step_lib.make_train_step(graphdef, optimizer, warmup_terms, loss_weights, schedules,
+                                                   normalizers,
+                                                   grad_shardings=state_shardings_for_grads(abstract_state, mesh)),
+                          in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                          donate_argnums=(0,))
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, terms, loss_weights, normalizers),
                       in_shardings=(state_shardings.trainable, state_shardings.frozen, None))
   return Program(make_model=make_model, graphdef=graphdef, abstract_state=abstract_state,
                  state_shardings=state_shardings, init_state=jax.jit(init_state, out_shardings=state_shardings),
-                 train_step=train_step, eval_step=eval_step, schedules=schedules, loss_weights=loss_weights)
+                 train_step=train_step, eval_step=eval_step, schedules=schedules, loss_weights=loss_weights,
+                 warmup_step=warmup_step)
 
 
 def state_shardings_for_grads(abstract_state: step_lib.TrainState, mesh):
