@@ -12,7 +12,7 @@ from flax import nnx
 
 import bbu_jax  # noqa: F401  (disables eager sharding)
 from bbu_jax.models.detection_head import (DetectionHead, DetectionHeadConfig, DetectionLossWeights,
-                                           detection_loss, match_queries)
+                                           detection_loss, match_queries, proposal_targets)
 from bbu_jax.training import losses
 
 CFG = DetectionHeadConfig(hidden_size=16, num_queries=6, width=32, num_layers=2, num_heads=4, mlp_dim=64,
@@ -332,3 +332,47 @@ def test_boxes_found_by_place_alone():
   # Same features, other places: the boxes move with the places (the position input is really read).
   moved = _forward(head, dict(features, vision_positions=features["vision_positions"][:, ::-1]))
   assert np.abs(np.asarray(moved["pred_boxes_cxcywh"])[np.arange(n), best] - pred).max() > 0.1
+
+
+# --- Dense proposals ----------------------------------------------------------------------------------
+
+
+def test_proposal_targets_assign_the_smallest_box_and_the_feature_nearest_each_centre():
+  # Five features: four at the quarter points, the fifth invalid (padding, on top of box a).
+  places = jnp.array([[[0.25, 0.25], [0.25, 0.75], [0.75, 0.25], [0.75, 0.75], [0.25, 0.25]]])
+  valid = jnp.array([[True, True, True, True, False]])
+  boxes = jnp.array([[[0.0, 0.0, 0.5, 0.5],  # a: holds feature 0
+                      [0.0, 0.0, 1.0, 1.0],  # b: holds every feature
+                      [0.6, 0.6, 0.62, 0.62],  # c: holds no centre; feature 3 is the nearest
+                      [0.0, 0.0, 0.3, 0.3]]])  # d: padding (would be the smallest box of feature 0)
+  box_valid = jnp.array([[True, True, True, False]])
+  positive, assigned = proposal_targets(places, valid, boxes, box_valid)
+  np.testing.assert_array_equal(np.asarray(positive), [[True, True, True, True, False]])
+  np.testing.assert_array_equal(np.asarray(assigned)[0, :4], [0, 1, 1, 2])
+  # Without box b only a's feature and c's nearest feature are positive.
+  positive, assigned = proposal_targets(places, valid, boxes, jnp.array([[True, False, True, False]]))
+  np.testing.assert_array_equal(np.asarray(positive), [[True, False, False, True, False]])
+  np.testing.assert_array_equal(np.asarray(assigned)[0, [0, 3]], [0, 2])
+
+
+def test_proposals_learn_boxes_around_their_features():
+  """The dense branch alone (proposal loss only) learns each feature's object box on fixed data."""
+  head = _new_head()
+  features, targets, embeddings = _features(7), _targets(7), _token_embeddings(7)
+  optimizer = _optimizer(head)
+
+  @nnx.jit
+  def step(head, optimizer):
+    def loss(head):
+      result = detection_loss(head, head(**features), targets, embeddings, WEIGHTS)
+      return result["proposal_box_loss"] + result["proposal_objectness_loss"], result
+    (_, result), grads = nnx.value_and_grad(loss, has_aux=True)(head)
+    optimizer.update(head, grads)
+    return result
+
+  first = step(head, optimizer)
+  for _ in range(150):
+    last = step(head, optimizer)
+  assert float(first["num_proposal_positives"]) > 0
+  assert float(last["proposal_box_loss"]) < 0.3 * float(first["proposal_box_loss"])
+  assert float(last["proposal_objectness_loss"]) < 0.3 * float(first["proposal_objectness_loss"])

@@ -148,6 +148,8 @@ def test_param_group_names():
     ("teacher_ratio", 1.5, "teacher_ratio"),
     ("collator_type", "bucketed", "collator_type"),
     ("per_device_train_batch_size", 0, "per_device_train_batch_size"),
+    ("detection_proposal_weight", -1.0, "detection_proposal_weight"),
+    ("vision_warmup_steps", 10, "vision_warmup_steps: .*needs detection_enabled"),
 ])
 def test_config_refuses_out_of_range_values(field, value, message):
   c = make_config()

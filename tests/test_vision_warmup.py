@@ -23,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "configs" / "tiny.py"
 WARMUP = 2
 RUN = {"max_steps": WARMUP + 1, "vision_warmup_steps": WARMUP, "save_steps": 1, "save_total_limit": 10,
-       "weight_decay": 0.0, "warmup_ratio": 0.0, "eval_steps": 0}
+       "weight_decay": 0.0, "warmup_ratio": 0.0, "eval_steps": 0, "detection_proposal_weight": 1.0}
 # What a warm-up step may change: the vision tower (merger included) and the head's path from the vision
 # features to the dense proposals.
 WARM_PREFIXES = ("visual/", "detection_head/vision_adapter/", "detection_head/vision_proj/",
