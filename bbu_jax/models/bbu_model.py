@@ -82,8 +82,9 @@ def _gather_valid(values: Array, valid: Array, length: int) -> tuple[Array, Arra
 
 
 def _slot_vision(batch: dict[str, Array], merge_size: int, length: int) -> tuple[Array, Array, Array]:
-  """Per sample slot (B*K rows): the gather order, validity and centres (y, x) of the student's merged
-  vision features, at most `length` of them."""
+  """(slot mask (B, K, P) over the row's merged vision tokens, then per sample slot (B*K rows) the
+  validity and centre (y, x) of the first `length` of the student's merged vision tokens).
+  """
   k = batch["det_box_valid"].shape[1]
   slots = jnp.arange(1, k + 1)[None, :, None]
   vision_valid = batch["vision_is_student"][:, None, :] & (batch["vision_sample_slot"][:, None, :] == slots)
