@@ -345,9 +345,9 @@ class DetectionHead(nnx.Module):
     """Dense proposals on the vision memory (the features and their places, as the queries read them)."""
     dense_out = self.proposal_out(jax.nn.gelu(self.proposal_hidden(vision_memory))).astype(jnp.float32)
     centre_xy = jnp.where(vision_valid[..., None], vision_positions[..., ::-1], 0.5).astype(jnp.float32)
-    proposal_logits = jnp.concatenate([inverse_sigmoid(centre_xy) + dense_out[..., 1:3], dense_out[..., 3:5]], -1)
+    box_logits = jnp.concatenate([inverse_sigmoid(centre_xy) + dense_out[..., 1:3], dense_out[..., 3:5]], -1)
     return {
-        "proposal_boxes_cxcywh": jax.nn.sigmoid(proposal_logits),
+        "proposal_boxes_cxcywh": jax.nn.sigmoid(box_logits),
         "proposal_logits": jnp.where(vision_valid, dense_out[..., 0], -30.0),
         "proposal_places": jnp.where(vision_valid[..., None], vision_positions, -1.0).astype(jnp.float32),
         "proposal_valid": vision_valid,
