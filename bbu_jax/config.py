@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   # no captions: a fraction of a full step's cost), so that the vision features know where objects are
   # before the language model and the queries start reading them. Needs the head; 0 = off.
   c.vision_warmup_steps = 0
+  # Two-stage queries: each image's queries start from its most confident dense proposals' boxes instead
+  # of learned anchors (DetectionHeadConfig.two_stage). Needs detection_proposal_weight > 0.
+  c.detection_two_stage = False
   c.detection_layers = 2
   c.detection_width = 256
 
@@ -209,6 +212,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None, nu
     fail("detection_proposal_weight", f"must be >= 0, got {c.detection_proposal_weight}")
   if c.vision_warmup_steps < 0:
     fail("vision_warmup_steps", f"must be >= 0, got {c.vision_warmup_steps}")
+  if c.detection_enabled and c.detection_two_stage and c.detection_proposal_weight <= 0:
+    fail("detection_two_stage", "starts the queries from the dense proposals: it needs detection_proposal_weight > 0 "
+         "so that the proposals learn")
   if c.vision_warmup_steps and not (c.detection_enabled and c.detection_proposal_weight > 0):
     fail("vision_warmup_steps", "trains the vision tower on the detection head's dense proposals: it needs "
          "detection_enabled and detection_proposal_weight > 0")

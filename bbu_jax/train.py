@@ -144,7 +144,7 @@ def detection_config(config, model_config: Qwen25VLConfig) -> DetectionHeadConfi
   return DetectionHeadConfig(hidden_size=model_config.text.hidden_size, num_queries=config.detection_num_queries,
                              width=width, num_layers=config.detection_layers, num_heads=max(1, width // 64),
                              mlp_dim=4 * width, adapter_dim=max(16, model_config.text.hidden_size // 8),
-                             caption_max_len=32)
+                             caption_max_len=32, two_stage=config.detection_two_stage)
 
 
 def estimate_rows_per_epoch(records: Sequence[dict], processor: ChatProcessor, tokenizer: Tokenizer,

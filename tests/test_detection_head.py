@@ -376,3 +376,45 @@ def test_proposals_learn_boxes_around_their_features():
   assert float(first["num_proposal_positives"]) > 0
   assert float(last["proposal_box_loss"]) < 0.3 * float(first["proposal_box_loss"])
   assert float(last["proposal_objectness_loss"]) < 0.3 * float(first["proposal_objectness_loss"])
+
+
+def test_two_stage_queries_start_from_the_most_confident_proposals():
+  """With `two_stage`, each image's queries start from the boxes of its num_queries most confident
+  dense proposals (padding never chosen while a valid feature is left); untrained layers barely move
+  them. The choice and the boxes carry no gradient from the query losses."""
+  cfg = dataclasses.replace(CFG, num_queries=4, two_stage=True)
+  head = DetectionHead(cfg, rngs=nnx.Rngs(3))
+  assert not hasattr(head, "query_reference")
+  features = _features(3)
+  # Make the proposals' objectness a known ranking: through the last layer's bias only would tie every
+  # feature; give the kernel a large random direction instead.
+  head.proposal_out.kernel[...] = head.proposal_out.kernel[...].at[:, 0].set(
+      jax.random.normal(jax.random.key(0), (cfg.width,)) * 3.0)
+  out = _forward(head, features)
+  logits = np.asarray(out["proposal_logits"])
+  proposals = np.asarray(out["proposal_boxes_cxcywh"])
+  boxes = np.asarray(out["pred_boxes_cxcywh"])
+  valid = np.asarray(features["vision_valid"])
+  for b in range(BATCH):
+    top = np.argsort(-logits[b], kind="stable")[:cfg.num_queries]
+    assert valid[b, top].all()
+    np.testing.assert_allclose(boxes[b], proposals[b, top], atol=2e-3)
+  # Different images choose different boxes; the anchors' grid is gone.
+  assert np.abs(boxes[0] - boxes[1]).max() > 0.05
+
+  # The query losses (everything but the proposals' own terms) do not reach the proposal branch.
+  targets, embeddings = _targets(3), _token_embeddings(3)
+
+  def query_loss(head):
+    result = detection_loss(head, head(**features), targets, embeddings, WEIGHTS)
+    return result["detection_loss"] - WEIGHTS.proposal_weight * (
+        WEIGHTS.objectness_weight * result["proposal_objectness_loss"]
+        + WEIGHTS.bbox_weight * result["proposal_box_loss"])
+
+  grads = nnx.grad(query_loss)(head)
+  assert float(jnp.abs(grads["proposal_out"]["kernel"][...]).max()) == 0.0
+  assert float(jnp.abs(grads["proposal_hidden"]["kernel"][...]).max()) == 0.0
+  assert float(jnp.abs(grads["query_embed"][...]).max()) > 0.0
+
+  with pytest.raises(ValueError, match="two-stage selection needs at least num_queries"):
+    DetectionHead(dataclasses.replace(cfg, num_queries=VISION_LEN + 1), rngs=nnx.Rngs(0))(**features)

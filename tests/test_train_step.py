@@ -150,11 +150,15 @@ def test_param_group_names():
     ("per_device_train_batch_size", 0, "per_device_train_batch_size"),
     ("detection_proposal_weight", -1.0, "detection_proposal_weight"),
     ("vision_warmup_steps", 10, "vision_warmup_steps: .*needs detection_enabled"),
+    ("detection_two_stage", True, "detection_two_stage: .*needs detection_proposal_weight > 0"),
 ])
 def test_config_refuses_out_of_range_values(field, value, message):
   c = make_config()
   c.synthetic.enabled = True
   c.model.text_hidden_size = 8
+  if field == "detection_two_stage":
+    c.detection_enabled = True
+    c.detection_num_queries = c.max_objects
   c[field] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c)

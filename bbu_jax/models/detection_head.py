@@ -41,6 +41,10 @@ class DetectionHeadConfig:
   caption_layers: int = 2
   rms_norm_eps: float = 1e-6
   objectness_prior: float = 0.01  # initial P(object) of every query, as focal-loss detectors do
+  # Two-stage query selection (Deformable DETR's two-stage, DINO's mixed queries): each image's queries
+  # start from the boxes of its `num_queries` most confident dense proposals instead of learned anchors;
+  # their content embeddings stay learned. Needs the proposals trained (detection_proposal_weight > 0).
+  two_stage: bool = False
 
   def __post_init__(self):
     for name in ("hidden_size", "num_queries", "width", "num_layers", "num_heads", "mlp_dim",
@@ -262,8 +266,9 @@ class DetectionHead(nnx.Module):
     self.vision_position_proj = dense(w, w, ("det_embed", "det_embed"))
     self.memory_norm = norm()
     self.query_embed = param(rngs, (cfg.num_queries, w), ("queries", "det_embed"), std=1.0)
-    self.query_reference = param(rngs, (cfg.num_queries, 2), ("queries", None), init="zeros")
-    self.query_reference[...] = inverse_sigmoid(jnp.asarray(grid_anchors(cfg.num_queries)[:, :2]))
+    if not cfg.two_stage:  # two-stage queries take their boxes from the proposals
+      self.query_reference = param(rngs, (cfg.num_queries, 2), ("queries", None), init="zeros")
+      self.query_reference[...] = inverse_sigmoid(jnp.asarray(grid_anchors(cfg.num_queries)[:, :2]))
     self.layers = nnx.List([QueryDecoderLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.num_layers)])
     self.query_norm = norm()
     self.box_hidden = dense(w, w, ("det_embed", "det_mlp"))
@@ -314,9 +319,8 @@ class DetectionHead(nnx.Module):
     memory_mask = make_attention_mask(jnp.ones((b, self.cfg.num_queries), jnp.int32), memory_valid,
                                       causal=False)
     x = jnp.broadcast_to(self.query_embed[...].astype(self.dtype), (b, *self.query_embed[...].shape))
-    q = self.cfg.num_queries
-    anchor_size = jnp.full((q, 2), inverse_sigmoid(grid_anchors(q)[0, 2]), jnp.float32)
-    box_logits = jnp.broadcast_to(jnp.concatenate([self.query_reference[...], anchor_size], -1), (b, q, 4))
+    proposals = self._proposals(vision_memory, vision_valid, vision_positions)
+    box_logits = self._initial_boxes(proposals, b)
     for i, layer in enumerate(self.layers):
       # The first layer looks at the anchors WITH their gradient: that is how the anchors learn.
       look_at = box_logits if i == 0 else jax.lax.stop_gradient(box_logits)
@@ -330,8 +334,23 @@ class DetectionHead(nnx.Module):
         "pred_boxes_cxcywh": jax.nn.sigmoid(box_logits),
         "objectness_logits": self.objectness(x)[..., 0].astype(jnp.float32),
         "query_states": x,
-        **self._proposals(vision_memory, vision_valid, vision_positions),
+        **{k: v for k, v in proposals.items() if k != "proposal_box_logits"},
     }
+
+  def _initial_boxes(self, proposals: dict[str, Array], batch: int) -> Array:
+    """(B, Q, 4) cxcywh logits the queries start from: the learned anchors with a fixed size, or with
+    `two_stage` the boxes of the Q most confident proposals of each image (no gradient through the
+    choice or the boxes: the proposals learn from their own loss, as in DINO)."""
+    q = self.cfg.num_queries
+    if not self.cfg.two_stage:
+      anchor_size = jnp.full((q, 2), inverse_sigmoid(grid_anchors(q)[0, 2]), jnp.float32)
+      return jnp.broadcast_to(jnp.concatenate([self.query_reference[...], anchor_size], -1), (batch, q, 4))
+    logits = proposals["proposal_logits"]
+    if logits.shape[1] < q:
+      raise ValueError(f"DetectionHead: two-stage selection needs at least num_queries={q} vision features "
+                       f"per sample, got {logits.shape[1]}")
+    _, chosen = jax.lax.top_k(jax.lax.stop_gradient(logits), q)
+    return jax.lax.stop_gradient(jnp.take_along_axis(proposals["proposal_box_logits"], chosen[..., None], axis=1))
 
   def _vision_memory(self, vision_features: Array, vision_valid: Array, vision_positions: Array
                      ) -> tuple[Array, Array]:
@@ -347,6 +366,7 @@ class DetectionHead(nnx.Module):
     centre_xy = jnp.where(vision_valid[..., None], vision_positions[..., ::-1], 0.5).astype(jnp.float32)
     box_logits = jnp.concatenate([inverse_sigmoid(centre_xy) + dense_out[..., 1:3], dense_out[..., 3:5]], -1)
     return {
+        "proposal_box_logits": box_logits,
         "proposal_boxes_cxcywh": jax.nn.sigmoid(box_logits),
         "proposal_logits": jnp.where(vision_valid, dense_out[..., 0], -30.0),
         "proposal_places": jnp.where(vision_valid[..., None], vision_positions, -1.0).astype(jnp.float32),
@@ -357,7 +377,8 @@ class DetectionHead(nnx.Module):
     """The dense proposals alone (what `__call__` returns under proposal_*), from the vision features
     only: the queries, the text and the caption decoder are not run (the vision warm-up's loss)."""
     vision_memory, _ = self._vision_memory(vision_features, vision_valid, vision_positions)
-    return self._proposals(vision_memory, vision_valid, vision_positions)
+    proposals = self._proposals(vision_memory, vision_valid, vision_positions)
+    return {k: v for k, v in proposals.items() if k != "proposal_box_logits"}
 
   def _place_embedding(self, yx: Array) -> Array:
     """(..., 2) places (y, x) in [0, 1] -> (..., width): the one position embedding of vision features
