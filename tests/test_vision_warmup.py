@@ -86,3 +86,21 @@ def test_warmup_steps_train_only_the_vision_path_then_everything_trains(tmp_path
   frozen_after = [name for name in names if not moved(name, WARMUP, WARMUP + 1)]
   # After the warm-up the decoder, the queries and the caption decoder train too.
   assert not [n for n in frozen_after if n.startswith(("language_model/", "detection_head/layers/"))], frozen_after
+
+
+def test_full_steps_after_the_warmup_get_their_own_warmup_and_cosine():
+  """With vision_warmup_steps W of T steps, every group's learning rate runs warm-up + cosine over the
+  first W steps and again over the last T - W: the language model, which starts at step W, starts at
+  its peak's warm-up, not at the tail of one long cosine."""
+  from bbu_jax.training import optimizer as optimizer_lib
+  config = config_lib.base_config()
+  config.llm_lr, config.warmup_ratio, config.vision_warmup_steps = 1e-3, 0.1, 100
+  schedule = optimizer_lib.make_schedules(config, 300)["llm"]
+  lr = np.array([float(schedule(step)) for step in range(300)])
+  assert lr[0] == 0.0 and lr[100] == 0.0  # each phase starts its own linear warm-up
+  assert lr[10] == pytest.approx(1e-3) and lr[120] == pytest.approx(1e-3)  # 10% of 100, 10% of 200 steps
+  assert lr[99] < 1e-5 and lr[299] < 1e-6
+  assert np.argmax(lr[100:]) == 20
+  config.vision_warmup_steps = 0
+  plain = optimizer_lib.make_schedules(config, 300)["llm"]
+  assert float(plain(100)) > 0.5e-3 and float(plain(30)) == pytest.approx(1e-3)

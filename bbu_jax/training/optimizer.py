@@ -63,18 +63,32 @@ def _decays(path) -> bool:
   return leaf not in ("bias", "scale") and "norm" not in path_str(path)
 
 
+def _warmup_cosine(lr: float, steps: int, warmup_ratio: float) -> optax.Schedule:
+  if steps <= 1:
+    return optax.constant_schedule(lr)
+  warmup = int(round(warmup_ratio * steps))
+  return optax.warmup_cosine_decay_schedule(init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
+                                            decay_steps=max(steps, warmup + 1), end_value=0.0)
+
+
 def make_schedules(config, total_steps: int) -> dict[str, optax.Schedule]:
-  warmup = int(round(config.warmup_ratio * total_steps))
+  """Per trained group: linear warm-up (`warmup_ratio` of the steps) then cosine decay to 0.
+
+  With a vision warm-up (`vision_warmup_steps`), the warm-up steps and the full steps that follow each
+  get their own warm-up and cosine: one schedule over both would leave the language model and the
+  queries, which start learning only after the vision warm-up, the low tail of the cosine.
+  """
+  first = min(max(int(getattr(config, "vision_warmup_steps", 0)), 0), total_steps)
   schedules = {}
   for group, lr in group_learning_rates(config).items():
     if lr <= 0:
       continue
-    if total_steps <= 1:
-      schedules[group] = optax.constant_schedule(lr)
+    if 0 < first < total_steps:
+      schedules[group] = optax.join_schedules(
+          [_warmup_cosine(lr, first, config.warmup_ratio),
+           _warmup_cosine(lr, total_steps - first, config.warmup_ratio)], boundaries=[first])
     else:
-      schedules[group] = optax.warmup_cosine_decay_schedule(
-          init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
-          decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+      schedules[group] = _warmup_cosine(lr, total_steps, config.warmup_ratio)
   return schedules
 
 
