@@ -37,7 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic.num_val = 0
   c.synthetic.num_teacher = 0
   c.synthetic.scale = 1.0
-  c.synthetic.profile = "real"  # "real" (the real records' figures) or "demo" (large equipment only)
+  # "real" (the real records' figures), "demo" (large equipment only) or "blocks" (the demo's layout as
+  # flat coloured blocks on black: a diagnostic, see README "Why the demo does not localize yet")
+  c.synthetic.profile = "real"
   c.skip_invalid_records = False  # refuse files with problems unless told to skip them
   c.model_max_length = 2048
   c.collator_type = "packed"  # "packed" | "padded"

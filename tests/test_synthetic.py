@@ -8,7 +8,9 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from bbu_jax.data import labels, real_stats, records, synthetic, validate
 from tests.conftest import REPO
@@ -165,3 +167,23 @@ def test_demo_profile_draws_only_large_equipment(tmp_path):
         assert inter <= 0.05 * min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])), (r["id"], a, b)
   with pytest.raises(ValueError, match="profile"):
     synthetic.generate_sample(None, 56, 56, profile="easy")
+
+
+def test_blocks_profile_draws_the_demo_layout_as_flat_blocks(tmp_path):
+  """The diagnostic profile: the demo's labels and cells, each object a block of its label's colour,
+  black everywhere else. JPEG (quality 90, chroma subsampled) moves saturated colours by up to ~15 and
+  blurs the edges; the label colours differ by more than 150 in some channel."""
+  synthetic.generate(tmp_path, num_train=8, num_val=0, num_teacher=0, seed=5, scale=0.5, profile="blocks")
+  recs = records.load_records(tmp_path / "train.jsonl")[0]
+  assert validate.validate_file(tmp_path / "train.jsonl", tmp_path).ok
+  assert {o["desc"] for r in recs for o in r["objects"]} <= set(synthetic._DEMO_LABELS)
+  for r in recs:
+    assert 1 <= len(r["objects"]) <= 3
+    pixels = np.asarray(Image.open(tmp_path / r["images"][0]).convert("RGB"), np.int32)
+    outside = np.ones(pixels.shape[:2], bool)
+    for o in r["objects"]:
+      x1, y1, x2, y2 = o["bbox_2d"]
+      outside[max(0, y1 - 8):y2 + 9, max(0, x1 - 8):x2 + 9] = False  # JPEG rings within its 8x8 blocks
+      inner = pixels[y1 + 3:y2 - 2, x1 + 3:x2 - 2].reshape(-1, 3)
+      assert np.abs(inner - synthetic._BLOCK_COLOURS[o["desc"]]).max() <= 24, (r["id"], o)
+    assert pixels[outside].max() <= 12, r["id"]

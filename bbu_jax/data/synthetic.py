@@ -361,17 +361,22 @@ def _finish(c: _Canvas) -> Image.Image:
   return image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.9))))
 
 
-PROFILES = ("real", "demo")
+PROFILES = ("real", "demo", "blocks")
 # The demo profile: what a tiny model trained from scratch for minutes on a CPU can learn to find:
 # only the large equipment (BBUs of the three brands and wind shields), one to three per photo, side
 # by side without overlap (see _demo_boxes), over the same cabinet background and clutter.
+# The blocks profile is a diagnostic: the demo's labels and layout drawn as flat blocks, one colour per
+# label, on black, with no background, clutter, light or noise: what is left is learning to read where
+# things are.
+_BLOCK_COLOURS = {"bbu基带处理单元/华为": (255, 40, 40), "bbu基带处理单元/中兴": (40, 255, 40),
+                  "bbu基带处理单元/爱立信": (60, 60, 255), "挡风板/安装": (255, 255, 255)}
 _DEMO_LABELS = ["bbu基带处理单元/华为", "bbu基带处理单元/中兴", "bbu基带处理单元/爱立信", "挡风板/安装"]
 _DEMO_LABEL_PROBS = np.array([0.3, 0.3, 0.2, 0.2])
 
 
 def _draw_labels(rng: np.random.Generator, profile: str) -> tuple[list[str], bool]:
   """The labels of one photo and whether the cabinet space is annotated."""
-  if profile == "demo":
+  if profile in ("demo", "blocks"):
     num_objects = int(rng.integers(1, 4))
     return list(rng.choice(_DEMO_LABELS, size=num_objects, p=_DEMO_LABEL_PROBS)), False
   num_objects = int(rng.choice(_COUNT_VALUES, p=_COUNT_PROBS))
@@ -401,11 +406,19 @@ def generate_sample(rng: np.random.Generator, width: int, height: int, profile: 
                     ) -> tuple[Image.Image, list[dict]]:
   """One synthetic photo and its objects (on-disk form: desc + one of bbox_2d / quad / line).
 
-  profile "real" follows the real records' figures; "demo" draws only large equipment (see PROFILES).
+  profile "real" follows the real records' figures; "demo" draws only large equipment; "blocks" draws
+  the demo's objects as flat coloured blocks on black (see PROFILES).
   """
   if profile not in PROFILES:
     raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
   c = _Canvas(width, height, rng)
+  if profile == "blocks":
+    labels, _ = _draw_labels(rng, profile)
+    for label, (cx, cy, w, h) in zip(labels, _demo_boxes(c, labels)):
+      box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+      c.draw.rectangle(box, fill=_BLOCK_COLOURS[label])
+      c.add("bbox_2d", box, label)
+    return c.image, c.objects
   _draw_background(c)
   labels, with_space = _draw_labels(rng, profile)
   if profile == "demo":
@@ -484,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--scale", type=float, default=1.0,
                       help="image size factor on the real sizes (0.5 for fast CPU demos)")
   parser.add_argument("--profile", choices=PROFILES, default="real",
-                      help="real: the real records' figures; demo: only large equipment, for quick demos")
+                      help="real: the real records' figures; demo: only large equipment, for quick demos; "
+                           "blocks: the demo's layout as flat coloured blocks on black (a diagnostic)")
   parser.add_argument("--image_size", action="append", default=None, metavar="WxH",
                       help="use these sizes instead (repeatable), e.g. --image_size 448x448")
   args = parser.parse_args(argv)
