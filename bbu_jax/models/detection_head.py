@@ -319,8 +319,8 @@ class DetectionHead(nnx.Module):
     memory_mask = make_attention_mask(jnp.ones((b, self.cfg.num_queries), jnp.int32), memory_valid,
                                       causal=False)
     x = jnp.broadcast_to(self.query_embed[...].astype(self.dtype), (b, *self.query_embed[...].shape))
-    proposals = self._proposals(vision_memory, vision_valid, vision_positions)
-    box_logits = self._initial_boxes(proposals, b)
+    proposals, proposal_box_logits = self._proposals(vision_memory, vision_valid, vision_positions)
+    box_logits = self._initial_boxes(proposals["proposal_logits"], proposal_box_logits, b)
     for i, layer in enumerate(self.layers):
       # The first layer looks at the anchors WITH their gradient: that is how the anchors learn.
       look_at = box_logits if i == 0 else jax.lax.stop_gradient(box_logits)
@@ -334,10 +334,10 @@ class DetectionHead(nnx.Module):
         "pred_boxes_cxcywh": jax.nn.sigmoid(box_logits),
         "objectness_logits": self.objectness(x)[..., 0].astype(jnp.float32),
         "query_states": x,
-        **{k: v for k, v in proposals.items() if k != "proposal_box_logits"},
+        **proposals,
     }
 
-  def _initial_boxes(self, proposals: dict[str, Array], batch: int) -> Array:
+  def _initial_boxes(self, proposal_logits: Array, proposal_box_logits: Array, batch: int) -> Array:
     """(B, Q, 4) cxcywh logits the queries start from: the learned anchors with a fixed size, or with
     `two_stage` the boxes of the Q most confident proposals of each image (no gradient through the
     choice or the boxes: the proposals learn from their own loss, as in DINO)."""
@@ -345,12 +345,11 @@ class DetectionHead(nnx.Module):
     if not self.cfg.two_stage:
       anchor_size = jnp.full((q, 2), inverse_sigmoid(grid_anchors(q)[0, 2]), jnp.float32)
       return jnp.broadcast_to(jnp.concatenate([self.query_reference[...], anchor_size], -1), (batch, q, 4))
-    logits = proposals["proposal_logits"]
-    if logits.shape[1] < q:
+    if proposal_logits.shape[1] < q:
       raise ValueError(f"DetectionHead: two-stage selection needs at least num_queries={q} vision features "
-                       f"per sample, got {logits.shape[1]}")
-    _, chosen = jax.lax.top_k(jax.lax.stop_gradient(logits), q)
-    return jax.lax.stop_gradient(jnp.take_along_axis(proposals["proposal_box_logits"], chosen[..., None], axis=1))
+                       f"per sample, got {proposal_logits.shape[1]}")
+    _, chosen = jax.lax.top_k(jax.lax.stop_gradient(proposal_logits), q)
+    return jax.lax.stop_gradient(jnp.take_along_axis(proposal_box_logits, chosen[..., None], axis=1))
 
   def _vision_memory(self, vision_features: Array, vision_valid: Array, vision_positions: Array
                      ) -> tuple[Array, Array]:
@@ -360,25 +359,25 @@ class DetectionHead(nnx.Module):
     place = self._place_embedding(jnp.where(vision_valid[..., None], vision_positions, 0))
     return self.memory_norm(self.vision_proj(self.vision_adapter(vision)) + place), place
 
-  def _proposals(self, vision_memory: Array, vision_valid: Array, vision_positions: Array) -> dict[str, Array]:
-    """Dense proposals on the vision memory (the features and their places, as the queries read them)."""
+  def _proposals(self, vision_memory: Array, vision_valid: Array, vision_positions: Array
+                 ) -> tuple[dict[str, Array], Array]:
+    """Dense proposals on the vision memory (the features and their places, as the queries read them),
+    and their box logits (cxcywh before the sigmoid: where two-stage queries start)."""
     dense_out = self.proposal_out(jax.nn.gelu(self.proposal_hidden(vision_memory))).astype(jnp.float32)
     centre_xy = jnp.where(vision_valid[..., None], vision_positions[..., ::-1], 0.5).astype(jnp.float32)
     box_logits = jnp.concatenate([inverse_sigmoid(centre_xy) + dense_out[..., 1:3], dense_out[..., 3:5]], -1)
     return {
-        "proposal_box_logits": box_logits,
         "proposal_boxes_cxcywh": jax.nn.sigmoid(box_logits),
         "proposal_logits": jnp.where(vision_valid, dense_out[..., 0], -30.0),
         "proposal_places": jnp.where(vision_valid[..., None], vision_positions, -1.0).astype(jnp.float32),
         "proposal_valid": vision_valid,
-    }
+    }, box_logits
 
   def proposals(self, vision_features: Array, vision_valid: Array, vision_positions: Array) -> dict[str, Array]:
     """The dense proposals alone (what `__call__` returns under proposal_*), from the vision features
     only: the queries, the text and the caption decoder are not run (the vision warm-up's loss)."""
     vision_memory, _ = self._vision_memory(vision_features, vision_valid, vision_positions)
-    proposals = self._proposals(vision_memory, vision_valid, vision_positions)
-    return {k: v for k, v in proposals.items() if k != "proposal_box_logits"}
+    return self._proposals(vision_memory, vision_valid, vision_positions)[0]
 
   def _place_embedding(self, yx: Array) -> Array:
     """(..., 2) places (y, x) in [0, 1] -> (..., width): the one position embedding of vision features

@@ -78,7 +78,7 @@ def make_schedules(config, total_steps: int) -> dict[str, optax.Schedule]:
   get their own warm-up and cosine: one schedule over both would leave the language model and the
   queries, which start learning only after the vision warm-up, the low tail of the cosine.
   """
-  first = min(max(int(getattr(config, "vision_warmup_steps", 0)), 0), total_steps)
+  first = min(config.vision_warmup_steps, total_steps)  # validate() keeps it >= 0
   schedules = {}
   for group, lr in group_learning_rates(config).items():
     if lr <= 0:
