@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vision_window_size = 112
   c.model.vision_fullatt_block_indexes = (0,)
   c.model.vision_absolute_positions = False  # bbu_jax extension: fixed 2D sine positions on the patches
+  c.model.vision_output_positions = False  # bbu_jax extension: the same on the merged tokens the decoder reads
   c.model.rope_theta = 1000000.0  # the decoder's rotary base (Qwen2.5's 1e6)
   c.model.mrope_section = ()  # (t, h, w) frequency pairs; () = Qwen's 16/24/24 of 64 scaled to the head
   c.tokenizer_vocab_size = 4096  # for the demo's own BPE tokenizer

@@ -1,6 +1,7 @@
-"""The vision tower's optional absolute positions (a bbu_jax extension for models trained from scratch):
+"""The vision tower's optional absolute positions (bbu_jax extensions for models trained from scratch):
 off, identical patches give identical features wherever they are (rotary positions are relative only);
-on, features say where they are; the setting survives a checkpoint and blocks the Hugging Face export."""
+on, features say where they are, on the patches (`absolute_positions`) or on the merged tokens the
+decoder reads (`output_positions`); each setting survives a checkpoint and blocks the Hugging Face export."""
 
 import dataclasses
 
@@ -43,6 +44,19 @@ def test_absolute_positions_tell_every_merged_token_apart():
   assert off_diagonal.min() > 1e-2 * np.linalg.norm(out, axis=-1).mean()
 
 
+def _sine(row: int, col: int, dim: int) -> np.ndarray:
+  freqs = 100.0 ** (-np.arange(dim // 4) / (dim // 4))
+  return np.r_[np.sin(row * freqs), np.cos(row * freqs), np.sin(col * freqs), np.cos(col * freqs)]
+
+
+def test_output_positions_add_each_merged_tokens_row_and_column_at_embedding_scale():
+  plain = _merged_features(VISION)
+  placed = _merged_features(dataclasses.replace(VISION, output_positions=True))  # same parameters
+  # The 3 x 4 merged tokens in the decoder's (row-major) order.
+  expected = np.stack([0.02 * _sine(k // 4, k % 4, VISION.out_hidden_size) for k in range(12)])
+  np.testing.assert_allclose(placed - plain, expected, atol=1e-6)
+
+
 def test_embedding_is_the_sine_of_row_and_column():
   rows_cols = jnp.array([[0, 0], [3, 5]])
   emb = np.asarray(V.absolute_position_embedding(rows_cols, 16))
@@ -55,18 +69,19 @@ def test_embedding_is_the_sine_of_row_and_column():
     V.absolute_position_embedding(rows_cols, 18)
 
 
-def test_setting_survives_the_checkpoint_and_blocks_hf_export(tmp_path):
+@pytest.mark.parametrize("setting", ["absolute_positions", "output_positions"])
+def test_setting_survives_the_checkpoint_and_blocks_hf_export(tmp_path, setting):
   config = Qwen25VLConfig(
-      vision=dataclasses.replace(VISION, absolute_positions=True, out_hidden_size=32),
+      vision=dataclasses.replace(VISION, out_hidden_size=32, **{setting: True}),
       text=TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, mrope_section=(2, 3, 3)),
       image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123,
       bos_token_id=124, eos_token_id=125, pad_token_id=124)
-  assert Qwen25VLConfig.from_hf_dict(config.to_hf_dict()).vision.absolute_positions
-  plain = dataclasses.replace(config, vision=dataclasses.replace(config.vision, absolute_positions=False))
-  assert "absolute_positions" not in plain.to_hf_dict()["vision_config"]  # published layout unchanged
+  assert getattr(Qwen25VLConfig.from_hf_dict(config.to_hf_dict()).vision, setting)
+  plain = dataclasses.replace(config, vision=dataclasses.replace(config.vision, **{setting: False}))
+  assert setting not in plain.to_hf_dict()["vision_config"]  # published layout unchanged
   model = Qwen25VL(config, rngs=nnx.Rngs(0))
   weights.save_checkpoint(model, config, tmp_path / "ckpt")
-  assert weights.read_config(tmp_path / "ckpt").vision.absolute_positions
-  with pytest.raises(ValueError, match="absolute position embeddings"):
+  assert getattr(weights.read_config(tmp_path / "ckpt").vision, setting)
+  with pytest.raises(ValueError, match=f"absolute position embeddings \\(vision {setting},"):
     weights.save_hf(model, config, tmp_path / "hf")

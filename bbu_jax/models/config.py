@@ -31,6 +31,10 @@ class VisionConfig:
   # (row, column) to the patch embeddings, so features carry where they are (as Qwen3-VL's learned one
   # does). For models trained from scratch; transformers' Qwen2.5-VL has no place for it (no HF export).
   absolute_positions: bool = False
+  # The same kind of extension at the tower's other end: add a fixed 2D sine embedding of each MERGED
+  # token's (row, column), at the scale of a fresh token embedding, to the merger's output, i.e. to the
+  # language model's image embeddings, where no vision block can wash it out (no HF export either).
+  output_positions: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -125,6 +129,7 @@ class Qwen25VLConfig:
         tokens_per_second=vision.get("tokens_per_second", 2),
         hidden_act=vision.get("hidden_act", "silu"),
         absolute_positions=bool(vision.get("absolute_positions", False)),
+        output_positions=bool(vision.get("output_positions", False)),
     )
     tie = bool(d.get("tie_word_embeddings", False) or (d.get("text_config") or {}).get("tie_word_embeddings", False))
     eos = text.get("eos_token_id", 151645)
@@ -193,6 +198,7 @@ class Qwen25VLConfig:
             "hidden_act": v.hidden_act,
             # only a bbu_jax checkpoint can say True (weights.save_hf refuses such a model)
             **({"absolute_positions": True} if v.absolute_positions else {}),
+            **({"output_positions": True} if v.output_positions else {}),
         },
     }
 

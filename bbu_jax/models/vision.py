@@ -261,6 +261,18 @@ def absolute_position_embedding(rope_pos: Array, dim: int, base: float = 100.0) 
   return emb.reshape(*emb.shape[:-2], dim)
 
 
+# The std of a freshly initialized token embedding: output positions neither drown the image content nor
+# vanish beside the text embeddings.
+OUTPUT_POSITION_SCALE = 0.02
+
+
+def merged_position_embedding(rope_pos: Array, merge_size: int, dim: int) -> Array:
+  """(..., P // merge_size**2, dim) float32: `absolute_position_embedding` of each merged token's
+  (row, column) in merged tokens (rope_pos merge-ordered, as `vision_metadata` makes it)."""
+  first = rope_pos[..., ::merge_size * merge_size, :]  # each merge block's top-left patch
+  return absolute_position_embedding(first // merge_size, dim)
+
+
 def vision_rotary(rope_pos: Array, head_dim: int) -> tuple[Array, Array]:
   """cos, sin (..., P, head_dim) of transformers' axial 2D rope: [rows, cols, rows, cols] frequencies."""
   quarter = head_dim // 4
@@ -324,7 +336,11 @@ class VisionTower(nnx.Module):
       return block_forward(block, h, mask)
 
     x = run_blocks(x, self.blocks, is_full_attention)
-    return self.merger(x)
+    x = self.merger(x)
+    if self.config.output_positions:
+      x = x + OUTPUT_POSITION_SCALE * merged_position_embedding(
+          meta["rope_pos"], self.config.spatial_merge_size, self.config.out_hidden_size).astype(x.dtype)
+    return x
 
 
 # --- Hugging Face weight names -----------------------------------------------------------------

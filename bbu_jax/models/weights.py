@@ -517,8 +517,9 @@ def save_hf(model_or_params, config: Qwen25VLConfig, out_dir: str | pathlib.Path
   """
   if dtype not in _EXPORT_DTYPES:
     raise ValueError(f"dtype must be one of {sorted(_EXPORT_DTYPES)}, got {dtype!r}")
-  if config.vision.absolute_positions:
-    raise ValueError("this model's vision tower adds absolute position embeddings (vision absolute_positions, "
+  extensions = [name for name in ("absolute_positions", "output_positions") if getattr(config.vision, name)]
+  if extensions:
+    raise ValueError(f"this model's vision tower adds absolute position embeddings (vision {', '.join(extensions)}, "
                      "a bbu_jax extension); transformers' Qwen2.5-VL has no place for them, so it cannot be "
                      "exported to Hugging Face format: keep it as a bbu_jax checkpoint")
   np_dtype = np.dtype(_EXPORT_DTYPES[dtype])
