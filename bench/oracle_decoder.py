@@ -104,14 +104,6 @@ class FrozenTower:
     return [merged[i, :layout["rows"] * layout["cols"]] for i, layout in enumerate(layouts)]
 
 
-def sine_2d(rows: np.ndarray, cols: np.ndarray, dim: int) -> np.ndarray:
-  """Fixed sine/cosine features of (row, column), dim / 4 frequencies each."""
-  quarter = dim // 4
-  freq = 1.0 / 100.0 ** (np.arange(quarter) / quarter)
-  r, c = rows[:, None] * freq, cols[:, None] * freq
-  return np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], -1).astype(np.float32)
-
-
 class Batch:
   """Layouts packed left-aligned: [image tokens][answer tokens, end token][padding]."""
 
@@ -136,7 +128,7 @@ class Batch:
         raise ValueError(f"a layout needs {k + len(answer)} tokens, the batch has {length}")
       self.features[b, :k] = features[b]
       if sine:
-        self.sine[b, :k] = sine_2d(grid_r, grid_c, hidden)
+        self.sine[b, :k] = vision_lib.absolute_position_embedding(np.stack([grid_r, grid_c], -1), hidden)
       self.is_image[b, :k] = True
       self.positions[1, b, :k], self.positions[2, b, :k] = grid_r, grid_c
       start = max(rows, cols)  # Qwen2.5-VL: text after an image continues at its largest position + 1
