@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -40,6 +39,7 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from bbu_jax import config as config_lib  # noqa: E402
 from bbu_jax import train as train_lib  # noqa: E402
 from bbu_jax.data import answer as answer_lib  # noqa: E402
 from bbu_jax.data import chat  # noqa: E402
@@ -53,13 +53,6 @@ from bbu_jax.models.text import TextDecoder  # noqa: E402
 
 CELL = 28  # pixels of one merged image token
 LABELS = synthetic._DEMO_LABELS  # noqa: SLF001 (the demo's labels, in a fixed order)
-
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def draw_layout(rng: np.random.Generator, sizes, size_probs, image_config: ImageProcessorConfig) -> dict:
@@ -262,7 +255,7 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
 
-  config = load_config(args.config)
+  config = config_lib.load_config_file(args.config)
   if args.rope_theta is not None:
     config.model.rope_theta = args.rope_theta
   if args.layers is not None:
@@ -276,15 +269,15 @@ def main(argv=None) -> int:
   pool = [draw(np.random.default_rng([args.seed, 0, i])) for i in range(max(args.pool, 512))]
   held_out = [draw(np.random.default_rng([args.seed, 1, i])) for i in range(args.eval_images)]
   tokenizer = train_bpe_tokenizer([l["answer"] for l in pool], vocab_size=config.tokenizer_vocab_size)
-  text_config = train_lib.build_model_config(config, tokenizer).text
+  model_config = train_lib.build_model_config(config, tokenizer)
+  text_config = model_config.text
   hidden = text_config.hidden_size
   longest_answer = max(len(tokenizer.encode(l["answer"])) for l in pool + held_out) + 1
   answer_room = longest_answer + 8
-  most_tokens = max(r * c for r, c in image_config_grids(sizes, image_config))
+  most_tokens = max(h * w for h, w in (image_config.resized_size(height, width) for width, height in sizes)) // CELL**2
   length = most_tokens + answer_room
   sine = not args.no_sine
 
-  model_config = train_lib.build_model_config(config, tokenizer)
   tower = (FrozenTower(model_config.vision, image_config, most_tokens, args.seed + 1)
            if args.features == "tower" else None)
   model = OracleDecoder(text_config, rngs=nnx.Rngs(args.seed), project=tower is None)
@@ -317,16 +310,10 @@ def main(argv=None) -> int:
       print(f"step {step}: answer loss {loss:.3f}, AP@0.5 {figures['ap50']:.3f}, recall@0.5 "
             f"{figures['recall50']:.3f}, {figures['parse_failures']} unparsable of {len(held_out)}; "
             f"{time.perf_counter() - t0:.0f} s", flush=True)
-  print(json.dumps({"steps": args.steps, "pool": args.pool, "sine": sine, "features": args.features, "rope_theta": text_config.rope_theta,
-                    "layers": text_config.num_hidden_layers, "lr": lr, "train_seconds": round(train_time, 1),
+  print(json.dumps({"steps": args.steps, "pool": args.pool, "sine": sine, "features": args.features,
+                    "rope_theta": text_config.rope_theta, "layers": text_config.num_hidden_layers, "lr": lr, "train_seconds": round(train_time, 1),
                     "evals": results}))
   return 0
-
-
-def image_config_grids(sizes, image_config):
-  for width, height in sizes:
-    resized_h, resized_w = image_config.resized_size(height, width)
-    yield resized_h // CELL, resized_w // CELL
 
 
 if __name__ == "__main__":
