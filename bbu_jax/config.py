@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.synthetic.num_teacher = 0
   c.synthetic.scale = 1.0
   # "real" (the real records' figures), "demo" (large equipment only) or "blocks" (the demo's layout as
-  # flat coloured blocks on black: a diagnostic, see README "Why the demo does not localize yet")
+  # flat coloured blocks on black: what configs/exp.py learns within its budget, README "The demo")
   c.synthetic.profile = "real"
   c.skip_invalid_records = False  # refuse files with problems unless told to skip them
   c.model_max_length = 2048
@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 1000000.0  # the decoder's rotary base (Qwen2.5's 1e6)
   c.model.mrope_section = ()  # (t, h, w) frequency pairs; () = Qwen's 16/24/24 of 64 scaled to the head
   c.tokenizer_vocab_size = 4096  # for the demo's own BPE tokenizer
+  c.tokenizer_number_digits = 1  # the demo's BPE: up to this many digits per token (1: Qwen's, one digit)
 
   c.detection_enabled = False
   c.detection_num_queries = 100
@@ -93,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   # of learned anchors (DetectionHeadConfig.two_stage). Needs detection_proposal_weight > 0.
   c.detection_two_stage = False
   c.detection_layers = 2
+  c.detection_caption_max_len = 32  # caption tokens (desc + eos) trained and generated per object
+  c.detection_encoder_layers = 0  # self-attention over the vision features inside the head (DETR's encoder)
+  c.detection_decoder_gradient = True  # the head's losses also train the decoder whose states it reads
   c.detection_width = 256
 
   c.lora = ml_collections.ConfigDict()
@@ -211,6 +215,12 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None, nu
   if c.detection_enabled and c.detection_num_queries < c.max_objects:
     fail("detection_num_queries", f"must be >= max_objects ({c.max_objects}) so that every object can be "
          f"matched to a query, got {c.detection_num_queries}")
+  if c.tokenizer_number_digits < 1:
+    fail("tokenizer_number_digits", f"must be >= 1, got {c.tokenizer_number_digits}")
+  if c.detection_caption_max_len < 2:
+    fail("detection_caption_max_len", f"must be >= 2 (one token + eos), got {c.detection_caption_max_len}")
+  if c.detection_encoder_layers < 0:
+    fail("detection_encoder_layers", f"must be >= 0, got {c.detection_encoder_layers}")
   if c.detection_proposal_weight < 0:
     fail("detection_proposal_weight", f"must be >= 0, got {c.detection_proposal_weight}")
   if c.vision_warmup_steps < 0:

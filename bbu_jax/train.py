@@ -52,7 +52,18 @@ def prepare_data(config) -> None:
   if not config.synthetic.enabled:
     return
   if pathlib.Path(config.train_data_path).exists():
-    log.info("synthetic data already present at %s", config.data_root)
+    wanted = synthetic.generation_settings(config.synthetic.num_train, config.synthetic.num_val,
+                                           config.synthetic.num_teacher, config.seed, scale=config.synthetic.scale,
+                                           profile=config.synthetic.profile)
+    settings_path = pathlib.Path(config.data_root) / synthetic.SETTINGS_FILE
+    found = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+    if differ:
+      log.warning("synthetic data at %s was made with other settings than this config's (%s); it is used as it "
+                  "is: delete the folder to generate the config's set", config.data_root,
+                  ", ".join(f"{k} {old} instead of {new}" for k, (old, new) in differ.items()))
+    else:
+      log.info("synthetic data already present at %s", config.data_root)
     return
   if jax.process_index() == 0:
     log.info("generating the synthetic dataset into %s (%d train, %d val, %d teacher images)", config.data_root,
@@ -104,7 +115,8 @@ def build_tokenizer(config, run_dir: pathlib.Path, records: Sequence[dict], chat
   if (saved / "tokenizer.json").exists():
     return Tokenizer.from_dir(saved)
   tokenizer = load_or_train_tokenizer(None, tokenizer_training_texts(records, chat_config),
-                                      vocab_size=config.tokenizer_vocab_size)
+                                      vocab_size=config.tokenizer_vocab_size,
+                                      number_digits=config.tokenizer_number_digits)
   if jax.process_index() == 0:
     tokenizer.save(saved, model_max_length=config.model_max_length)
   log.info("trained a %d-token byte-level BPE on the training answers; saved to %s", tokenizer.vocab_size, saved)
@@ -145,7 +157,9 @@ def detection_config(config, model_config: Qwen25VLConfig) -> DetectionHeadConfi
   return DetectionHeadConfig(hidden_size=model_config.text.hidden_size, num_queries=config.detection_num_queries,
                              width=width, num_layers=config.detection_layers, num_heads=max(1, width // 64),
                              mlp_dim=4 * width, adapter_dim=max(16, model_config.text.hidden_size // 8),
-                             caption_max_len=32, two_stage=config.detection_two_stage)
+                             caption_max_len=config.detection_caption_max_len, two_stage=config.detection_two_stage,
+                             encoder_layers=config.detection_encoder_layers,
+                             decoder_gradient=config.detection_decoder_gradient)
 
 
 def estimate_rows_per_epoch(records: Sequence[dict], processor: ChatProcessor, tokenizer: Tokenizer,

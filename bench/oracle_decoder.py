@@ -247,6 +247,7 @@ def main(argv=None) -> int:
   p.add_argument("--rope_theta", type=float, default=None, help="default: the config's")
   p.add_argument("--layers", type=int, default=None, help="default: the config's text_layers")
   p.add_argument("--no_sine", action="store_true")
+  p.add_argument("--number_digits", type=int, default=1)
   p.add_argument("--features", choices=("oracle", "tower"), default="oracle",
                  help="tower: the image tokens are a frozen, randomly initialized vision tower's merged "
                       "features of the rendered blocks image instead of the cells' coverage")
@@ -268,7 +269,8 @@ def main(argv=None) -> int:
 
   pool = [draw(np.random.default_rng([args.seed, 0, i])) for i in range(max(args.pool, 512))]
   held_out = [draw(np.random.default_rng([args.seed, 1, i])) for i in range(args.eval_images)]
-  tokenizer = train_bpe_tokenizer([l["answer"] for l in pool], vocab_size=config.tokenizer_vocab_size)
+  tokenizer = train_bpe_tokenizer([l["answer"] for l in pool], vocab_size=config.tokenizer_vocab_size,
+                                  number_digits=args.number_digits)
   model_config = train_lib.build_model_config(config, tokenizer)
   text_config = model_config.text
   hidden = text_config.hidden_size

@@ -207,6 +207,44 @@ def test_padded_targets_are_never_matched_and_never_matter():
   assert int(reference["num_matched"]) == valid.sum()
 
 
+@nnx.jit
+def _loss_grads(head, features, targets, embeddings):
+  return nnx.grad(_loss, has_aux=True)(head, features, targets, embeddings)[0]
+
+
+def test_encoder_gives_each_feature_its_image_context_and_ignores_padding():
+  """detection_encoder_layers: the vision memory attends to itself within each image before the
+  proposals and the queries read it. Without it a proposal sees its own feature only."""
+  head = nnx.jit(lambda rngs: DetectionHead(dataclasses.replace(CFG, encoder_layers=1), rngs=rngs))(nnx.Rngs(0))
+  features = _features(1)
+  reference = _forward(head, features)
+  changed = dict(features, vision_features=features["vision_features"].at[0, 0].add(1.0))
+  again = _forward(head, changed)
+  assert not np.allclose(np.asarray(again["proposal_logits"][0, 3]), np.asarray(reference["proposal_logits"][0, 3]))
+  np.testing.assert_array_equal(np.asarray(again["proposal_logits"][1]), np.asarray(reference["proposal_logits"][1]))
+  plain = _new_head(0)
+  np.testing.assert_array_equal(np.asarray(_forward(plain, changed)["proposal_logits"][0, 3]),
+                                np.asarray(_forward(plain, features)["proposal_logits"][0, 3]))
+
+  # Padded vision tokens are neither attended nor able to poison anything (NaN included).
+  rng = np.random.default_rng(5)
+  mask = ~np.asarray(features["vision_valid"])[..., None]
+  poisoned = dict(features)
+  for key in ("vision_features", "vision_positions"):
+    noise = rng.standard_normal(features[key].shape).astype(np.float32) * 100
+    noise[1, -1, 0] = np.nan
+    poisoned[key] = jnp.where(mask, jnp.asarray(noise), features[key])
+  out = _forward(head, poisoned)
+  for key in reference:
+    valid = np.asarray(features["vision_valid"]) if key.startswith("proposal_") else np.ones(
+        reference[key].shape[:2], bool)
+    np.testing.assert_array_equal(np.asarray(out[key])[valid], np.asarray(reference[key])[valid])
+
+  grads = _loss_grads(head, features, _targets(1), _token_embeddings(1))
+  encoder = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if "encoder" in jax.tree_util.keystr(path)]
+  assert len(encoder) >= 8 and all(np.any(np.asarray(g)) for g in encoder)
+
+
 def test_greedy_captions_equal_teacher_forced_argmax():
   head = _new_head(3)
   embeddings = _token_embeddings(3)

@@ -187,3 +187,32 @@ def test_blocks_profile_draws_the_demo_layout_as_flat_blocks(tmp_path):
       inner = pixels[y1 + 3:y2 - 2, x1 + 3:x2 - 2].reshape(-1, 3)
       assert np.abs(inner - synthetic._BLOCK_COLOURS[o["desc"]]).max() <= 24, (r["id"], o)
     assert pixels[outside].max() <= 12, r["id"]
+
+
+def test_a_set_made_with_other_settings_is_named_in_a_warning(tmp_path, caplog):
+  """The trainer reuses a generated set; one made by other settings (or older code) is said so."""
+  import logging
+
+  from bbu_jax import config as config_lib
+  from bbu_jax import train as train_lib
+
+  synthetic.generate(tmp_path, num_train=3, num_val=1, num_teacher=0, seed=0, scale=0.25, profile="demo")
+  assert json.loads((tmp_path / synthetic.SETTINGS_FILE).read_text()) == synthetic.generation_settings(
+      3, 1, 0, 0, scale=0.25, profile="demo")
+  c = config_lib.base_config()
+  c.synthetic.enabled = True
+  c.data_root, c.train_data_path = str(tmp_path), str(tmp_path / "train.jsonl")
+  c.synthetic.num_train, c.synthetic.num_val, c.synthetic.num_teacher = 3, 1, 0
+  c.synthetic.scale, c.synthetic.profile, c.seed = 0.25, "demo", 0
+  with caplog.at_level(logging.INFO, logger="bbu_jax.train"):
+    train_lib.prepare_data(c)
+  assert "synthetic data already present" in caplog.text and "other settings" not in caplog.text
+  caplog.clear()
+  c.synthetic.num_train = 4096
+  with caplog.at_level(logging.INFO, logger="bbu_jax.train"):
+    train_lib.prepare_data(c)
+  assert "other settings than this config's (num_train 3 instead of 4096)" in caplog.text
+  (tmp_path / synthetic.SETTINGS_FILE).unlink()  # a set from before the settings file
+  with caplog.at_level(logging.INFO, logger="bbu_jax.train"):
+    train_lib.prepare_data(c)
+  assert "generator_version None instead of" in caplog.text

@@ -54,6 +54,26 @@ def test_digits_tokenize_one_by_one_and_text_round_trips(trained):
   assert "3" in pieces and "301" not in pieces and "30" not in pieces
 
 
+def test_number_digits_keeps_up_to_that_many_digits_in_one_token(tmp_path):
+  """The demo's option: numbers of up to 3 digits become single tokens (as cl100k's pre-tokenizer splits
+  them), so that a coordinate is one prediction; longer runs split every 3 digits, and text round-trips."""
+  tok = tk.train_bpe_tokenizer(_corpus(), vocab_size=1024, number_digits=3)
+  text = '[{"bbox_2d": [301, 285, 357, 330], "label": "螺丝连接点/BBU安装螺丝"}] 1234567'
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text
+  pieces = [tok.decode([i]) for i in ids]
+  for number in ("301", "285", "357", "330"):  # each seen in the corpus, so merged
+    assert number in pieces, pieces
+  assert max(len(p) for p in pieces if p.strip().isdigit()) == 3
+  assert pieces[-3:] == ["123", "456", "7"]
+  # Saved and loaded, by bbu_jax and by transformers, it splits the same way.
+  tok.save(tmp_path)
+  assert tk.Tokenizer.from_dir(tmp_path).encode(text) == ids
+  assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).encode(text) == ids
+  with pytest.raises(ValueError, match="number_digits"):
+    tk.train_bpe_tokenizer(_corpus(), vocab_size=1024, number_digits=0)
+
+
 def test_transformers_loads_it_with_the_chat_template(trained):
   tok, path = trained
   hf = transformers.AutoTokenizer.from_pretrained(str(path))

@@ -151,6 +151,9 @@ def test_param_group_names():
     ("detection_proposal_weight", -1.0, "detection_proposal_weight"),
     ("vision_warmup_steps", 10, "vision_warmup_steps: .*needs detection_enabled"),
     ("detection_two_stage", True, "detection_two_stage: .*needs detection_proposal_weight > 0"),
+    ("detection_caption_max_len", 1, "detection_caption_max_len: must be >= 2"),
+    ("detection_encoder_layers", -1, "detection_encoder_layers: must be >= 0"),
+    ("tokenizer_number_digits", 0, "tokenizer_number_digits: must be >= 1"),
 ])
 def test_config_refuses_out_of_range_values(field, value, message):
   c = make_config()
@@ -174,3 +177,21 @@ def test_config_refuses_unknown_field_and_indivisible_mesh():
   c.mesh.data, c.mesh.fsdp = 3, 1
   with pytest.raises(config_lib.ConfigError, match="mesh"):
     config_lib.validate(c, num_devices=8)
+
+
+def test_caption_length_reaches_the_targets_and_the_head():
+  """detection_caption_max_len sets both the caption targets the pipeline writes and the head's
+  caption decoder (its positions, and the longest caption it generates)."""
+  from bbu_jax import train as train_lib
+  from bbu_jax.data import pipeline as pipeline_lib
+  from bbu_jax.models.config import Qwen25VLConfig
+
+  c = make_config()
+  c.detection_enabled = True
+  c.detection_caption_max_len = 5
+  chat_config = pipeline_lib.chat_config_from(c)
+  assert chat_config.max_caption_tokens == 5
+  head = train_lib.detection_config(c, Qwen25VLConfig())
+  assert (head.caption_max_len, head.encoder_layers) == (5, 0)
+  c.detection_encoder_layers = 2
+  assert train_lib.detection_config(c, Qwen25VLConfig()).encoder_layers == 2

@@ -94,7 +94,8 @@ def chat_config_from(c, label_hierarchy=None) -> ChatConfig:
   """The ChatConfig of a run config (bbu_jax.config fields); training and inference both use this."""
   images = ImageProcessorConfig(min_pixels=c.min_pixels, max_pixels=c.max_pixels)
   kwargs = {} if label_hierarchy is None else {"label_hierarchy": dict(label_hierarchy)}
-  return ChatConfig(prompt_language=c.prompt_language, images=images, **kwargs)
+  return ChatConfig(prompt_language=c.prompt_language, images=images,
+                    max_caption_tokens=c.detection_caption_max_len, **kwargs)
 
 
 def pipeline_config_from(c, vision_config: VisionConfig, *, batch_size: int, is_training: bool = True,

@@ -145,8 +145,17 @@ class Tokenizer:
                                                encoding="utf-8")
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
-  """A byte-level BPE over `texts` with Qwen2's pre-tokenizer, `vocab_size` ids in all.
+def pretokenize_pattern(number_digits: int = 1) -> str:
+  """Qwen2's split pattern (every digit apart); `number_digits` > 1 keeps runs of up to that many
+  digits together, as cl100k's pattern does with 3, so the BPE can learn whole numbers."""
+  if number_digits < 1:
+    raise ValueError(f"number_digits must be >= 1, got {number_digits}")
+  return QWEN_PRETOKENIZE_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,%d}|" % number_digits, 1)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, number_digits: int = 1) -> Tokenizer:
+  """A byte-level BPE over `texts` with Qwen2's pre-tokenizer, `vocab_size` ids in all (numbers split as
+  `pretokenize_pattern(number_digits)` says).
 
   The BPE vocabulary takes ids [0, vocab_size - 22) and Qwen2.5-VL's 22 special tokens follow in their
   published order, as in Qwen's own vocabulary (specials after the merges).
@@ -159,7 +168,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokeniz
   tok = tokenizers.Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
   tok.normalizer = normalizers.NFC()
   tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(tokenizers.Regex(QWEN_PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
+      pre_tokenizers.Split(tokenizers.Regex(pretokenize_pattern(number_digits)), behavior="isolated", invert=False),
       pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
   ])
   tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
@@ -174,10 +183,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokeniz
 
 
 def load_or_train_tokenizer(model_path: str | pathlib.Path | None, texts: Iterable[str] | None = None,
-                            vocab_size: int = 4096) -> Tokenizer:
+                            vocab_size: int = 4096, number_digits: int = 1) -> Tokenizer:
   """The model directory's tokenizer when it has one, else a BPE trained on `texts` (the demo)."""
   if model_path is not None and (pathlib.Path(model_path) / "tokenizer.json").exists():
     return Tokenizer.from_dir(model_path)
   if texts is None:
     raise FileNotFoundError(f"{model_path}: no tokenizer.json and no texts to train a tokenizer on")
-  return train_bpe_tokenizer(texts, vocab_size=vocab_size)
+  return train_bpe_tokenizer(texts, vocab_size=vocab_size, number_digits=number_digits)

@@ -134,6 +134,8 @@ def loss_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weig
   terms = lm_loss_sums(logits, batch)
   if model.detection_head is None or features is None:
     return terms
+  if not model.detection_config.decoder_gradient:
+    hidden = jax.lax.stop_gradient(hidden)
   text, text_valid, vision, vision_valid, places = head_inputs(
       batch, hidden, features, merge_size=model.config.vision.spatial_merge_size, memory_tokens=memory_tokens)
   outputs = model.detection_head(text, text_valid, vision, vision_valid, places)

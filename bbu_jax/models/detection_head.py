@@ -45,12 +45,20 @@ class DetectionHeadConfig:
   # start from the boxes of its `num_queries` most confident dense proposals instead of learned anchors;
   # their content embeddings stay learned. Needs the proposals trained (detection_proposal_weight > 0).
   two_stage: bool = False
+  # Self-attention layers over the vision memory (with its places) before the proposals and the queries
+  # read it, as DETR's encoder: a feature learns its object's extent from its neighbours.
+  encoder_layers: int = 0
+  # Whether the head's losses also train the language model through the decoder states it reads. Off,
+  # the decoder learns from its answer loss alone and the head reads its states as they are.
+  decoder_gradient: bool = True
 
   def __post_init__(self):
     for name in ("hidden_size", "num_queries", "width", "num_layers", "num_heads", "mlp_dim",
                  "adapter_dim", "caption_max_len", "caption_layers"):
       if getattr(self, name) < 1:
         raise ValueError(f"DetectionHeadConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.encoder_layers < 0:
+      raise ValueError(f"DetectionHeadConfig.encoder_layers must be >= 0, got {self.encoder_layers}")
     if self.width % self.num_heads:
       raise ValueError(f"DetectionHeadConfig.width {self.width} must be a multiple of num_heads "
                        f"{self.num_heads}")
@@ -150,6 +158,22 @@ class QueryDecoderLayer(nnx.Module):
     y = self.self_norm(x)
     x = x + self.self_attn(y, y, None, query_pos=query_pos, key_pos=query_pos)
     x = x + self.cross_attn(self.cross_norm(x), memory, memory_mask, query_pos=query_pos, key_pos=memory_pos)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-norm self-attention over the vision memory (each token's place joins its query and key, as in
+  QueryDecoderLayer), then an MLP."""
+
+  def __init__(self, cfg: DetectionHeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.self_norm = RMSNorm(cfg.width, eps=cfg.rms_norm_eps, axis_name="det_embed", rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.width, eps=cfg.rms_norm_eps, axis_name="det_embed", rngs=rngs)
+    self.self_attn = Attention(cfg.width, cfg.num_heads, rngs=rngs, dtype=dtype)
+    self.mlp = MLP(cfg.width, cfg.mlp_dim, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: Array, pos: Array, mask: Array) -> Array:
+    y = self.self_norm(x)
+    x = x + self.self_attn(y, y, mask, query_pos=pos, key_pos=pos)
     return x + self.mlp(self.mlp_norm(x))
 
 
@@ -265,6 +289,8 @@ class DetectionHead(nnx.Module):
       raise ValueError(f"DetectionHeadConfig.width {w} must be a multiple of 4 (sine position embedding)")
     self.vision_position_proj = dense(w, w, ("det_embed", "det_embed"))
     self.memory_norm = norm()
+    self.encoder = nnx.List([EncoderLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.encoder_layers)])
+    self.encoder_norm = norm() if cfg.encoder_layers else None
     self.query_embed = param(rngs, (cfg.num_queries, w), ("queries", "det_embed"), std=1.0)
     if not cfg.two_stage:  # two-stage queries take their boxes from the proposals
       self.query_reference = param(rngs, (cfg.num_queries, 2), ("queries", None), init="zeros")
@@ -357,7 +383,14 @@ class DetectionHead(nnx.Module):
     their place embedding, normalized) and the place embedding itself."""
     vision = jnp.where(vision_valid[..., None], vision_features, 0).astype(self.dtype)
     place = self._place_embedding(jnp.where(vision_valid[..., None], vision_positions, 0))
-    return self.memory_norm(self.vision_proj(self.vision_adapter(vision)) + place), place
+    memory = self.memory_norm(self.vision_proj(self.vision_adapter(vision)) + place)
+    if self.cfg.encoder_layers:
+      valid = vision_valid.astype(jnp.int32)
+      mask = make_attention_mask(valid, valid, causal=False)
+      for layer in self.encoder:
+        memory = layer(memory, place, mask)
+      memory = self.encoder_norm(memory)
+    return memory, place
 
   def _proposals(self, vision_memory: Array, vision_valid: Array, vision_positions: Array
                  ) -> tuple[dict[str, Array], Array]:
