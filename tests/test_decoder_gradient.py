@@ -1,0 +1,71 @@
+"""detection_decoder_gradient: whether the detection head's losses reach the language model through the
+decoder states the head reads. Off, the decoder's gradient is its answer loss's alone."""
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bbu_jax import config as config_lib
+from bbu_jax import train as train_lib
+from bbu_jax.data import pipeline as pipeline_lib
+from bbu_jax.data.chat import ChatProcessor
+from bbu_jax.models import bbu_model
+from bbu_jax.models.detection_head import DetectionLossWeights
+
+CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "tiny.py"
+DETECTION_SUMS = ("bbox_l1_sum", "giou_sum", "objectness_sum", "caption_sum")
+
+
+@pytest.fixture(scope="module")
+def pieces(tmp_path_factory):
+  root = tmp_path_factory.mktemp("decoder_gradient")
+  os.environ["BBU_TEST_ROOT"] = str(root)
+  try:
+    config = config_lib.load_config_file(CONFIG)
+  finally:
+    del os.environ["BBU_TEST_ROOT"]
+  config.unlock()
+  config.teacher_ratio = 0.0
+  train_lib.prepare_data(config)
+  records = train_lib.load_split(config.train_data_path, config, root, "train")
+  chat_config = pipeline_lib.chat_config_from(config, train_lib.label_hierarchy(config, records))
+  tokenizer = train_lib.build_tokenizer(config, root, records, chat_config)
+  model_config = train_lib.build_model_config(config, tokenizer)
+  pipeline_config = pipeline_lib.pipeline_config_from(config, model_config.vision, batch_size=2, is_training=False,
+                                                      max_caption_tokens=chat_config.max_caption_tokens)
+  dataset = pipeline_lib.build_dataset(records[:8], ChatProcessor(tokenizer, chat_config), pipeline_config,
+                                       model_config.vision, data_root=config.data_root)
+  batch = jax.tree.map(jnp.asarray, next(iter(dataset)))
+  return config, model_config, batch
+
+
+def _gradients(config, model_config, batch, decoder_gradient: bool):
+  config.detection_decoder_gradient = decoder_gradient
+  model = bbu_model.BBUModel(model_config, detection=train_lib.detection_config(config, model_config),
+                             rngs=nnx.Rngs(0))
+  weights = DetectionLossWeights()
+
+  def detection_only(model):
+    terms = bbu_model.loss_terms(model, batch, None, det_weights=weights)
+    return sum(terms[name] for name in DETECTION_SUMS)
+
+  grads = nnx.jit(nnx.grad(detection_only))(model)
+  return {"/".join(str(k) for k in path): np.asarray(g.get_value()) for path, g in grads.flat_state()}
+
+
+def test_head_losses_reach_the_decoder_only_when_asked(pieces):
+  config, model_config, batch = pieces
+  with_gradient = _gradients(config, model_config, batch, True)
+  without = _gradients(config, model_config, batch, False)
+  decoder = [name for name in with_gradient if name.startswith("language_model/layers/")]
+  assert decoder
+  assert any(np.any(with_gradient[name]) for name in decoder)
+  assert not any(np.any(without[name]) for name in decoder)
+  # The head itself and the vision path it reads still learn from its losses.
+  for prefix in ("detection_head/", "visual/"):
+    assert any(np.any(g) for name, g in without.items() if name.startswith(prefix)), prefix
