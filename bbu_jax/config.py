@@ -83,8 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.detection_bbox_weight = 10.0
   c.detection_caption_weight = 1.0
   # The head's dense proposals (one objectness and box per vision feature, FCOS-style targets): a loss
-  # on every feature, meant to teach the vision tower where objects are from the first steps. Off (0)
-  # by default: on the demo it has not yet been shown to help (README, "Why the demo does not localize").
+  # on every feature. Off (0) by default; configs/exp.py turns it on with the head's encoder and
+  # two-stage queries (README, "The demo: what it learns and what not yet").
   c.detection_proposal_weight = 0.0
   # The first N steps train only the vision tower and the head's dense proposals (no decoder, no queries,
   # no captions: a fraction of a full step's cost), so that the vision features know where objects are
