@@ -6,7 +6,12 @@ weight that is mapped to the wrong place or dropped changes the logits.
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import numpy as np
+
+TINY_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "tiny.py"
 
 # Token ids of the tiny vocabulary (ordinary text tokens are drawn from [0, TEXT_TOKENS)).
 VOCAB = 300
@@ -152,3 +157,23 @@ def sample_inputs(seed: int = 0):
   grids = [(1, 8, 8), (1, 4, 6)]
   ids, mask = pad_rows([token_row(rng, grids, [3, 4, 2]), rng.integers(0, TEXT_TOKENS, 9)])
   return ids, mask, random_patches(rng, grids), np.array(grids)
+
+
+def tiny_run_config(root: pathlib.Path, **fields):
+  """tests/configs/tiny.py with its paths under `root` (as a run started with BBU_TEST_ROOT=root reads
+  it), unlocked, with `fields` set."""
+  from bbu_jax import config as config_lib
+
+  previous = os.environ.get("BBU_TEST_ROOT")
+  os.environ["BBU_TEST_ROOT"] = str(root)
+  try:
+    config = config_lib.load_config_file(TINY_CONFIG)
+  finally:
+    if previous is None:
+      del os.environ["BBU_TEST_ROOT"]
+    else:
+      os.environ["BBU_TEST_ROOT"] = previous
+  config.unlock()
+  for name, value in fields.items():
+    config[name] = value
+  return config

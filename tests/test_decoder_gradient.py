@@ -1,36 +1,26 @@
 """detection_decoder_gradient: whether the detection head's losses reach the language model through the
 decoder states the head reads. Off, the decoder's gradient is its answer loss's alone."""
 
-import os
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from bbu_jax import config as config_lib
+import _tiny_models as tm
 from bbu_jax import train as train_lib
 from bbu_jax.data import pipeline as pipeline_lib
 from bbu_jax.data.chat import ChatProcessor
 from bbu_jax.models import bbu_model
 from bbu_jax.models.detection_head import DetectionLossWeights
 
-CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "tiny.py"
 DETECTION_SUMS = ("bbox_l1_sum", "giou_sum", "objectness_sum", "caption_sum")
 
 
 @pytest.fixture(scope="module")
 def pieces(tmp_path_factory):
   root = tmp_path_factory.mktemp("decoder_gradient")
-  os.environ["BBU_TEST_ROOT"] = str(root)
-  try:
-    config = config_lib.load_config_file(CONFIG)
-  finally:
-    del os.environ["BBU_TEST_ROOT"]
-  config.unlock()
-  config.teacher_ratio = 0.0
+  config = tm.tiny_run_config(root, teacher_ratio=0.0)
   train_lib.prepare_data(config)
   records = train_lib.load_split(config.train_data_path, config, root, "train")
   chat_config = pipeline_lib.chat_config_from(config, train_lib.label_hierarchy(config, records))

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import _tiny_models as tm
 from bbu_jax import config as config_lib
 from bbu_jax import train as train_lib
 from bbu_jax.data import packing
@@ -80,18 +81,7 @@ train.main()
 
 
 def _config(root: pathlib.Path, **fields) -> config_lib.ml_collections.ConfigDict:
-  previous = os.environ.get("BBU_TEST_ROOT")
-  os.environ["BBU_TEST_ROOT"] = str(root)
-  try:
-    config = config_lib.load_config_file(CONFIG)
-  finally:
-    if previous is None:
-      del os.environ["BBU_TEST_ROOT"]
-    else:
-      os.environ["BBU_TEST_ROOT"] = previous
-  for name, value in fields.items():
-    config[name] = value
-  return config
+  return tm.tiny_run_config(root, **fields)
 
 
 def _overrides(fields: dict) -> list[str]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import _tiny_models as tm
 from bbu_jax import config as config_lib
 from bbu_jax import train as train_lib
 from bbu_jax.data.tokenizer import Tokenizer
@@ -32,15 +33,7 @@ WARM_PREFIXES = ("visual/", "detection_head/vision_adapter/", "detection_head/vi
 
 
 def _config(root: pathlib.Path):
-  os.environ["BBU_TEST_ROOT"] = str(root)
-  try:
-    config = config_lib.load_config_file(CONFIG)
-  finally:
-    del os.environ["BBU_TEST_ROOT"]
-  config.unlock()
-  for name, value in RUN.items():
-    config[name] = value
-  return config
+  return tm.tiny_run_config(root, **RUN)
 
 
 def _params_by_step(config, run_dir: pathlib.Path) -> dict[int, dict[str, np.ndarray]]:
