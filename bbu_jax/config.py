@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.max_grad_norm = 1.0
+  c.clip_grad_norm_per_group = False  # clip each optimizer group's gradients by their own norm
 
   # --- Precision, memory, kernels ----------------------------------------------------------------
   c.bf16 = False

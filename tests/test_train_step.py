@@ -195,3 +195,31 @@ def test_caption_length_reaches_the_targets_and_the_head():
   assert (head.caption_max_len, head.encoder_layers) == (5, 0)
   c.detection_encoder_layers = 2
   assert train_lib.detection_config(c, Qwen25VLConfig()).encoder_layers == 2
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_per_group_clipping_keeps_a_spike_in_one_group_out_of_the_others(per_group):
+  """Two Adam steps where the detection head's second gradient is 1000x larger: with one global norm the
+  language model's second update shrinks with it; clipped per group, it is exactly what it is when the
+  head's gradient stays small."""
+  config = make_config(llm_lr=1e-2, detection_lr=1e-2)
+  config.clip_grad_norm_per_group = per_group
+  optimizer, _ = opt_lib.make_optimizer(config, total_steps=10)
+  rs = np.random.RandomState(0)
+  params = {"language_model": {"kernel": jnp.asarray(rs.randn(4, 4), jnp.float32)},
+            "detection_head": {"kernel": jnp.asarray(rs.randn(4, 4), jnp.float32)}}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rs.randn(*p.shape), jnp.float32), params) for _ in range(2)]
+
+  def llm_updates(spike: float):
+    state = optimizer.init(params)
+    _, state = optimizer.update(grads[0], state, params)
+    second = {**grads[1], "detection_head": {"kernel": grads[1]["detection_head"]["kernel"] * spike}}
+    updates, _ = optimizer.update(second, state, params)
+    return np.asarray(updates["language_model"]["kernel"])
+
+  calm, spiked = llm_updates(1.0), llm_updates(1000.0)
+  if per_group:
+    np.testing.assert_array_equal(spiked, calm)
+  else:
+    # the spike's share of the global norm scales the language model's second gradient down ~1000x
+    assert np.abs(spiked - calm).max() > 0.1 * np.abs(calm).max(), "a global norm should carry the spike over"

@@ -4,7 +4,8 @@ Groups: vision (vision tower), merger (the patch merger), llm (decoder and lm_he
 (detection head), adapter (LoRA). A group whose learning rate is 0 is frozen: its parameters are left
 out of differentiation and of the optimizer altogether (no state allocated), so they stay
 bit-identical. Weight decay skips norms and biases. Gradients are clipped by their global norm over
-the trainable parameters.
+the trainable parameters, or with `clip_grad_norm_per_group` by each group's own norm (a detection head
+whose loss spikes then does not shrink the language model's step).
 """
 
 from __future__ import annotations
@@ -95,17 +96,20 @@ def make_schedules(config, total_steps: int) -> dict[str, optax.Schedule]:
 def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, dict]:
   """The optimizer over the TRAINABLE parameters only (frozen groups are never passed to it)."""
   schedules = make_schedules(config, total_steps)
-  transforms = {
-      group: optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                         weight_decay=config.weight_decay,
-                         mask=lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _decays(p), params))
-      for group, schedule in schedules.items()
-  }
+  per_group = config.max_grad_norm > 0 and config.clip_grad_norm_per_group
+
+  def group_transform(schedule):
+    adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay,
+                        mask=lambda params: jax.tree_util.tree_map_with_path(lambda p, _: _decays(p), params))
+    # multi_transform hands each group's transform only that group's gradients (the others masked out)
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw) if per_group else adamw
+
+  transforms = {group: group_transform(schedule) for group, schedule in schedules.items()}
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params)
 
   chain = [optax.multi_transform(transforms, labels)]
-  if config.max_grad_norm > 0:
+  if config.max_grad_norm > 0 and not per_group:
     chain.insert(0, optax.clip_by_global_norm(config.max_grad_norm))
   return optax.chain(*chain), schedules
