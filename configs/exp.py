@@ -79,7 +79,7 @@ def get_config():
   c.vision_lr = 0.0
   c.merger_lr = 0.0
   # At 3e-3 whether the decoder learns to read positions within the budget depends on the seed (text
-  # AP@0.5 0.30 with seed 0, 0.07 with seed 1); at 1.5e-3 with the two settings below, 0.47 and 0.55
+  # AP@0.5 0.30 with seed 0, 0.07 with seed 1); at 1.5e-3 with the two settings above, 0.47 and 0.55
   # (README, "The demo")
   c.llm_lr = 1.5e-3
   c.detection_lr = 3e-3
