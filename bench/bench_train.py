@@ -3,6 +3,7 @@ batch, in one run on this machine.
 
   python bench/bench_train.py [--shape bench|3b] [--dtype float32|bfloat16] [--steps 6] [--warmup 2]
                               [--batch 4] [--seq 258] [--layers N] [--torch_threads 2] [--xla_flags "..."]
+                              [--skip_hf] [--remat POLICY] [--profile DIR]
 
 Shapes (bench_shape.py): "bench" (issue 6: text hidden 512, 8 layers, MLP 1536, 8 heads, 2 KV heads, vocab
 4112; vision depth 4, hidden 256, MLP 768, 4 heads, window 112, full attention at block 3) and "3b"
@@ -283,7 +284,7 @@ def hf_step_fn(hf, inputs, config, device, bf16: bool):
   return step
 
 
-def run_config(batch: int, bf16: bool, flash: bool, model_dir: str = ""):
+def run_config(batch: int, bf16: bool, flash: bool, model_dir: str = "", remat: str = ""):
   """The run config of `python -m bbu_jax.train` for this benchmark: every group but detection trained."""
   from bbu_jax import config as config_lib
   config = config_lib.base_config()
@@ -295,6 +296,7 @@ def run_config(batch: int, bf16: bool, flash: bool, model_dir: str = ""):
   config.per_device_train_batch_size = batch
   config.bf16 = bf16
   config.use_flash_attention = flash
+  config.remat_policy = remat
   config.lock()
   return config
 
@@ -380,6 +382,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--order", choices=("auto", "alternating", "sequential"), default="auto",
                       help="auto: sequential where a GPU is used, alternating on a CPU")
   parser.add_argument("--skip_hf", action="store_true", help="time bbu_jax only (profiling)")
+  parser.add_argument("--remat", default="",
+                      help="bbu_jax's remat policy, a name of bbu_jax.models.layers.REMAT_POLICIES (the run config's "
+                           "remat_policy; default: none)")
+  parser.add_argument("--profile", default="",
+                      help="a folder: after the timed steps, trace 2 more bbu_jax steps there with jax.profiler "
+                           "(a Perfetto trace; bench/trace_summary.py reads it). Sequential order only")
   args = parser.parse_args(argv)
 
   if args.xla_flags is not None:
@@ -431,7 +439,8 @@ def main(argv=None) -> dict:
     if reason:
       figures["cudnn_attention_problem"] = reason
   figures["bbu_jax_attention"] = "cudnn" if flash else "xla"
-  config = run_config(args.batch, bf16, flash, model_dir)
+  config = run_config(args.batch, bf16, flash, model_dir, args.remat)
+  figures["remat"] = args.remat or "none"
 
   if not sequential:
     # --- CPU: both sides built, then alternating ------------------------------------------------------
@@ -494,7 +503,7 @@ def main(argv=None) -> dict:
       figures["bbu_jax_attention"] = "xla"
       figures["cudnn_attention_problem"] = "the step failed with it: " + error
       gc.collect()
-      config = run_config(args.batch, bf16, False, model_dir)
+      config = run_config(args.batch, bf16, False, model_dir, args.remat)
       (bbu_times, compile_s, bbu_loss), error = try_bbu_alone(args, config, model_config, samples, total_steps)
     if error:
       figures["bbu_jax_error"] = error
@@ -575,6 +584,14 @@ def run_bbu_alone(args, config, model_config, samples, total_steps):
   for i in range(args.steps):
     times.append(timed(step))
     log(f"bbu_jax step {i}: {times[-1][0]:.4f}s")
+  if args.profile:
+    log(f"tracing 2 bbu_jax steps into {args.profile}")
+    try:
+      with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+        for _ in range(2):
+          step()
+    except Exception as e:  # noqa: BLE001 - the timed steps above still count
+      log(f"tracing failed: {type(e).__name__}: {str(e)[:300]}")
   return times, compile_s, first
 
 

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The GPU runs of issues 5 and 6 in one go, from the repository root: `bash bench/gpu_run.sh`.
+# The GPU runs of issues 5 and 6 in one go, from the repository root: `bash bench/gpu_run.sh [all|mfu]`.
+# all (default): the train and decode benchmarks at both shapes. mfu: the 3B training step's MFU: batch 16
+# traced (bench/trace_summary.py) with its optimized HLO dumped, then variants (XLA's Triton GEMMs off;
+# batch 24, and 32 and 48 with remat, under the better flags), then the best of them against transformers.
 # Installs the wheels carried in .whl/ (the packages the GPU image lacks), prints the machine, then runs
 # each benchmark in its own process under a timeout, its output in "$OUT"/<name>.log, going on after a
 # failure. No run starts once BUDGET_S seconds (default 420) have passed since the start, and none runs
@@ -41,6 +44,47 @@ run() {  # name max_seconds script args...
   rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc at ${SECONDS}s" | tee -a "$OUT/$name.log"
 }
+
+best_of() {  # the name of the run (among the arguments) whose last JSON line has the highest "mfu"
+  for name in "$@"; do
+    grep '^{' "$OUT/$name.log" 2>/dev/null | tail -n 1 | python3 -c "import json, sys
+line = sys.stdin.read().strip()
+print(json.loads(line).get('mfu') or 0 if line else 0, '$name')"
+  done | sort -g | tail -n 1 | cut -d' ' -f2
+}
+
+if [[ ${1:-all} == mfu ]]; then
+  names=(mfu_b16 mfu_b16_no_triton_gemm mfu_b24 mfu_b32_remat mfu_b48_remat mfu_best_vs_hf)
+  train=(bench/bench_train.py --shape 3b --dtype bfloat16 --skip_hf --warmup 2 --steps 5)
+  run mfu_b16 150 "${train[@]}" --batch 16 --profile "$OUT/trace" \
+    --xla_flags="--xla_dump_to=$OUT/hlo --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_as_text"
+  python3 bench/trace_summary.py "$OUT/trace" --top 30 2>&1 | tee "$OUT/trace_summary.log"
+  run mfu_b16_no_triton_gemm 100 "${train[@]}" --batch 16 --xla_flags="--xla_gpu_enable_triton_gemm=false"
+  flags=""  # the larger batches run with the better of the two
+  [[ $(best_of mfu_b16 mfu_b16_no_triton_gemm) == mfu_b16_no_triton_gemm ]] && flags="--xla_gpu_enable_triton_gemm=false"
+  run mfu_b24 100 "${train[@]}" --batch 24 --xla_flags="$flags"
+  run mfu_b32_remat 110 "${train[@]}" --batch 32 --remat dots_with_no_batch_dims_saveable --xla_flags="$flags"
+  run mfu_b48_remat 110 "${train[@]}" --batch 48 --remat dots_with_no_batch_dims_saveable --xla_flags="$flags"
+  best=$(best_of mfu_b16 mfu_b16_no_triton_gemm mfu_b24 mfu_b32_remat mfu_b48_remat)
+  args=$(grep '^{' "$OUT/$best.log" | tail -n 2 | head -n 1 | python3 -c "import json, sys
+f = json.load(sys.stdin)
+flags = [flag for flag in f['xla_flags'].split() if not flag.startswith('--xla_dump')]
+print('--batch', f['batch'], '--remat', f['remat'], '--xla_flags=' + ' '.join(flags))")
+  echo "best: $best ($args)"
+  # shellcheck disable=SC2086
+  run mfu_best_vs_hf 200 bench/bench_train.py --shape 3b --dtype bfloat16 --warmup 2 --steps 5 $args
+  echo "== summary after ${SECONDS}s" | tee "$OUT/summary.txt"
+  for name in "${names[@]}"; do
+    line=$(grep '^{' "$OUT/$name.log" 2>/dev/null | tail -n 1)
+    echo "$name: ${line:-no JSON}" | tee -a "$OUT/summary.txt"
+  done
+  grep -v '^{' "$OUT/trace_summary.log" | cut -c1-200
+  # At most 8 files come back from the device tool: the logs, the trace and the train step's optimized
+  # HLO go into one archive.
+  (cd "$OUT" && tar czf mfu_files.tgz --exclude='*.xplane.pb' --exclude='*before_optimizations*' -- *.log trace hlo \
+     && rm -rf trace hlo mfu_*.log trace_summary.log)
+  exit 0
+fi
 
 names=(train_3b train_bench decode_bench decode_3b train_3b_batch16)
 run train_3b 240 bench/bench_train.py --shape 3b --dtype bfloat16 --warmup 2 --steps 5
