@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.detection_caption_max_len = 32  # caption tokens (desc + eos) trained and generated per object
   c.detection_encoder_layers = 0  # self-attention over the vision features inside the head (DETR's encoder)
   c.detection_decoder_gradient = True  # the head's losses also train the decoder whose states it reads
+  c.detection_decoder_gradient_scale = 1.0  # with it, the factor on that gradient (the head's own is unscaled)
   c.detection_width = 256
 
   c.lora = ml_collections.ConfigDict()

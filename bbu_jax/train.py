@@ -159,7 +159,8 @@ def detection_config(config, model_config: Qwen25VLConfig) -> DetectionHeadConfi
                              mlp_dim=4 * width, adapter_dim=max(16, model_config.text.hidden_size // 8),
                              caption_max_len=config.detection_caption_max_len, two_stage=config.detection_two_stage,
                              encoder_layers=config.detection_encoder_layers,
-                             decoder_gradient=config.detection_decoder_gradient)
+                             decoder_gradient=config.detection_decoder_gradient,
+                             decoder_gradient_scale=config.detection_decoder_gradient_scale)
 
 
 def estimate_rows_per_epoch(records: Sequence[dict], processor: ChatProcessor, tokenizer: Tokenizer,

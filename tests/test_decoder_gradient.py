@@ -34,8 +34,9 @@ def pieces(tmp_path_factory):
   return config, model_config, batch
 
 
-def _gradients(config, model_config, batch, decoder_gradient: bool):
+def _gradients(config, model_config, batch, decoder_gradient: bool, scale: float = 1.0):
   config.detection_decoder_gradient = decoder_gradient
+  config.detection_decoder_gradient_scale = scale
   model = bbu_model.BBUModel(model_config, detection=train_lib.detection_config(config, model_config),
                              rngs=nnx.Rngs(0))
   weights = DetectionLossWeights()
@@ -59,3 +60,23 @@ def test_head_losses_reach_the_decoder_only_when_asked(pieces):
   # The head itself and the vision path it reads still learn from its losses.
   for prefix in ("detection_head/", "visual/"):
     assert any(np.any(g) for name, g in without.items() if name.startswith(prefix)), prefix
+
+
+def test_decoder_gradient_scale_scales_only_what_reaches_the_decoder(pieces):
+  config, model_config, batch = pieces
+  full = _gradients(config, model_config, batch, True)
+  quarter = _gradients(config, model_config, batch, True, scale=0.25)
+  decoder = [name for name in full if name.startswith("language_model/layers/")]
+  head = [name for name in full if name.startswith("detection_head/")]
+  assert decoder and head
+  assert any(np.any(full[name]) for name in decoder)
+  for name in decoder:  # the head's losses reach the decoder only through the scaled states
+    np.testing.assert_allclose(quarter[name], 0.25 * full[name], rtol=1e-6, atol=1e-12, err_msg=name)
+  for name in head:  # the head's own gradient is unchanged
+    np.testing.assert_array_equal(quarter[name], full[name], err_msg=name)
+
+
+def test_decoder_gradient_scale_must_be_positive():
+  from bbu_jax.models.detection_head import DetectionHeadConfig
+  with pytest.raises(ValueError, match="decoder_gradient_scale"):
+    DetectionHeadConfig(hidden_size=64, decoder_gradient_scale=0.0)

@@ -117,6 +117,12 @@ def caption_mask(caption_ids: Array, eos_token_id: int) -> Array:
   return before_or_at_eos.astype(jnp.float32)
 
 
+def scale_gradient(x: Array, scale: float) -> Array:
+  """`x` in the forward pass; its cotangent times `scale` in the backward pass."""
+  frozen = jax.lax.stop_gradient(x)
+  return frozen + scale * (x - frozen)
+
+
 def detection_targets(batch: dict[str, Array], eos_token_id: int) -> dict[str, Array]:
   b, k, o = batch["det_box_valid"].shape
   ids = batch["det_caption_ids"].reshape(b * k, o, -1)
@@ -136,6 +142,8 @@ def loss_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weig
     return terms
   if not model.detection_config.decoder_gradient:
     hidden = jax.lax.stop_gradient(hidden)
+  elif model.detection_config.decoder_gradient_scale != 1.0:
+    hidden = scale_gradient(hidden, model.detection_config.decoder_gradient_scale)
   text, text_valid, vision, vision_valid, places = head_inputs(
       batch, hidden, features, merge_size=model.config.vision.spatial_merge_size, memory_tokens=memory_tokens)
   outputs = model.detection_head(text, text_valid, vision, vision_valid, places)

@@ -51,6 +51,10 @@ class DetectionHeadConfig:
   # Whether the head's losses also train the language model through the decoder states it reads. Off,
   # the decoder learns from its answer loss alone and the head reads its states as they are.
   decoder_gradient: bool = True
+  # With decoder_gradient, the factor on the gradient the head's losses send into the decoder (the head's
+  # own gradient is unchanged): below 1 the head's losses shape the decoder's states without outweighing
+  # its answer loss.
+  decoder_gradient_scale: float = 1.0
 
   def __post_init__(self):
     for name in ("hidden_size", "num_queries", "width", "num_layers", "num_heads", "mlp_dim",
@@ -62,6 +66,9 @@ class DetectionHeadConfig:
     if self.width % self.num_heads:
       raise ValueError(f"DetectionHeadConfig.width {self.width} must be a multiple of num_heads "
                        f"{self.num_heads}")
+    if not self.decoder_gradient_scale > 0:
+      raise ValueError(f"DetectionHeadConfig.decoder_gradient_scale must be > 0 (turn decoder_gradient off "
+                       f"instead), got {self.decoder_gradient_scale}")
     if not 0 < self.objectness_prior < 1:
       raise ValueError(f"DetectionHeadConfig.objectness_prior must be in (0, 1), got "
                        f"{self.objectness_prior}")
