@@ -96,8 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.detection_layers = 2
   c.detection_caption_max_len = 32  # caption tokens (desc + eos) trained and generated per object
   c.detection_encoder_layers = 0  # self-attention over the vision features inside the head (DETR's encoder)
-  c.detection_decoder_gradient = True  # the head's losses also train the decoder whose states it reads
-  c.detection_decoder_gradient_scale = 1.0  # with it, the factor on that gradient (the head's own is unscaled)
+  # The head's losses also train the language model whose states and token embeddings it reads, with
+  # their gradient there scaled by detection_decoder_gradient_scale (the head's own is unscaled).
+  c.detection_decoder_gradient = True
+  c.detection_decoder_gradient_scale = 1.0
   c.detection_width = 256
 
   c.lora = ml_collections.ConfigDict()
@@ -223,6 +225,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None, nu
     fail("detection_caption_max_len", f"must be >= 2 (one token + eos), got {c.detection_caption_max_len}")
   if c.detection_encoder_layers < 0:
     fail("detection_encoder_layers", f"must be >= 0, got {c.detection_encoder_layers}")
+  if not c.detection_decoder_gradient_scale > 0:
+    fail("detection_decoder_gradient_scale", f"must be > 0 (detection_decoder_gradient false turns the gradient "
+         f"off), got {c.detection_decoder_gradient_scale}")
   if c.detection_proposal_weight < 0:
     fail("detection_proposal_weight", f"must be >= 0, got {c.detection_proposal_weight}")
   if c.vision_warmup_steps < 0:

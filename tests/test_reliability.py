@@ -283,6 +283,7 @@ def _tiny_config(**fields):
     # 4 devices all on the tensor axis: one row per step cannot be split over 4 processes.
     ({"mesh.data": -1, "mesh.tensor": 4, "per_device_train_batch_size": 1}, 4, 4, "per_device_train_batch_size"),
     ({"eval_steps": -1}, 1, 1, "eval_steps"),
+    ({"detection_decoder_gradient_scale": 0.0}, 1, 1, "detection_decoder_gradient_scale"),
     # The best checkpoint by val_loss needs evaluations, and a val_loss at every checkpoint.
     ({"load_best_model_at_end": True}, 1, 1, "load_best_model_at_end"),
     ({"load_best_model_at_end": True, "eval_steps": 2, "val_data_path": ""}, 1, 1, "load_best_model_at_end"),

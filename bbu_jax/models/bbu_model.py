@@ -119,6 +119,8 @@ def caption_mask(caption_ids: Array, eos_token_id: int) -> Array:
 
 def scale_gradient(x: Array, scale: float) -> Array:
   """`x` in the forward pass; its cotangent times `scale` in the backward pass."""
+  if scale == 1.0:
+    return x
   frozen = jax.lax.stop_gradient(x)
   return frozen + scale * (x - frozen)
 
@@ -140,10 +142,12 @@ def loss_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weig
   terms = lm_loss_sums(logits, batch)
   if model.detection_head is None or features is None:
     return terms
-  if not model.detection_config.decoder_gradient:
-    hidden = jax.lax.stop_gradient(hidden)
-  elif model.detection_config.decoder_gradient_scale != 1.0:
-    hidden = scale_gradient(hidden, model.detection_config.decoder_gradient_scale)
+  # What the head reads of the language model (its decoder's states, its token embeddings for the captions)
+  # passes the head's gradient back scaled by decoder_gradient_scale, or not at all.
+  det_config = model.detection_config
+  to_language_model = (jax.lax.stop_gradient if not det_config.decoder_gradient
+                       else lambda x: scale_gradient(x, det_config.decoder_gradient_scale))
+  hidden = to_language_model(hidden)
   text, text_valid, vision, vision_valid, places = head_inputs(
       batch, hidden, features, merge_size=model.config.vision.spatial_merge_size, memory_tokens=memory_tokens)
   outputs = model.detection_head(text, text_valid, vision, vision_valid, places)
@@ -151,8 +155,8 @@ def loss_terms(model: BBUModel, batch: dict[str, Array], rng: Array, *, det_weig
   # Empty slots (no sample) must not teach the head "nothing here": drop their objectness loss.
   slot_used = (batch["sample_ids"].reshape(-1) >= 0)
   outputs = dict(outputs, objectness_logits=jnp.where(slot_used[:, None], outputs["objectness_logits"], -30.0))
-  det = detection_loss(model.detection_head, outputs, targets, model.language_model.embed_tokens.embedding[...],
-                       det_weights)
+  det = detection_loss(model.detection_head, outputs, targets,
+                       to_language_model(model.language_model.embed_tokens.embedding[...]), det_weights)
   for name in ("bbox_l1_sum", "giou_sum", "objectness_sum", "caption_sum", "proposal_objectness_sum",
                "proposal_box_sum"):
     if name in det:

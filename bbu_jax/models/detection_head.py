@@ -48,12 +48,12 @@ class DetectionHeadConfig:
   # Self-attention layers over the vision memory (with its places) before the proposals and the queries
   # read it, as DETR's encoder: a feature learns its object's extent from its neighbours.
   encoder_layers: int = 0
-  # Whether the head's losses also train the language model through the decoder states it reads. Off,
-  # the decoder learns from its answer loss alone and the head reads its states as they are.
+  # Whether the head's losses also train the language model through what the head reads of it: the
+  # decoder's states and the token embeddings of the captions. Off, the language model learns from its
+  # answer loss alone and the head reads it as it is.
   decoder_gradient: bool = True
-  # With decoder_gradient, the factor on the gradient the head's losses send into the decoder (the head's
-  # own gradient is unchanged): below 1 the head's losses shape the decoder's states without outweighing
-  # its answer loss.
+  # With decoder_gradient, the factor on the gradient the head's losses send into the language model (the
+  # head's own gradient is unchanged): below 1 they shape its states without outweighing the answer loss.
   decoder_gradient_scale: float = 1.0
 
   def __post_init__(self):
