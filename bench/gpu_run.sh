@@ -45,6 +45,16 @@ run() {  # name max_seconds script args...
   echo "== $name: exit $rc at ${SECONDS}s" | tee -a "$OUT/$name.log"
 }
 
+summary() {  # the last JSON line of each run in names (also in $OUT/summary.txt, with the full figures)
+  echo "== summary after ${SECONDS}s (full figures: the line before each in $OUT/<name>.log)" | tee "$OUT/summary.txt"
+  for name in "${names[@]}"; do
+    [ -f "$OUT/$name.log" ] || continue
+    line=$(grep '^{' "$OUT/$name.log" | tail -n 1)
+    echo "$name: ${line:-no JSON; $(tail -n 1 "$OUT/$name.log")}" | tee -a "$OUT/summary.txt"
+    grep '^{' "$OUT/$name.log" | tail -n 2 | head -n 1 >>"$OUT/summary.txt"
+  done
+}
+
 best_of() {  # the name of the run (among the arguments) whose last JSON line has the highest "mfu"
   for name in "$@"; do
     grep '^{' "$OUT/$name.log" 2>/dev/null | tail -n 1 | python3 -c "import json, sys
@@ -73,11 +83,7 @@ print('--batch', f['batch'], '--remat', f['remat'], '--xla_flags=' + ' '.join(fl
   echo "best: $best ($args)"
   # shellcheck disable=SC2086
   run mfu_best_vs_hf 200 bench/bench_train.py --shape 3b --dtype bfloat16 --warmup 2 --steps 5 $args
-  echo "== summary after ${SECONDS}s" | tee "$OUT/summary.txt"
-  for name in "${names[@]}"; do
-    line=$(grep '^{' "$OUT/$name.log" 2>/dev/null | tail -n 1)
-    echo "$name: ${line:-no JSON}" | tee -a "$OUT/summary.txt"
-  done
+  summary
   grep -v '^{' "$OUT/trace_summary.log" | cut -c1-200
   # At most 8 files come back from the device tool: the logs, the trace and the train step's optimized
   # HLO go into one archive.
@@ -99,10 +105,4 @@ if ((memory_mib >= 120000 && BUDGET_S - SECONDS >= 150)); then
   run train_3b_batch16 150 bench/bench_train.py --shape 3b --dtype bfloat16 --batch 16 --warmup 2 --steps 5
 fi
 
-echo "== summary after ${SECONDS}s (full figures: the line before each in $OUT/<name>.log)" | tee "$OUT/summary.txt"
-for name in "${names[@]}"; do
-  [ -f "$OUT/$name.log" ] || continue
-  line=$(grep '^{' "$OUT/$name.log" | tail -n 1)
-  echo "$name: ${line:-no JSON; $(tail -n 1 "$OUT/$name.log")}" | tee -a "$OUT/summary.txt"
-  grep '^{' "$OUT/$name.log" | tail -n 2 | head -n 1 >>"$OUT/summary.txt"
-done
+summary
